@@ -1,0 +1,435 @@
+"""Flax Linen models of the RAR paper and the one factory that names them.
+
+The library's core modules take a model only as `apply_fn(params, x) -> logits`;
+`make_apply_fns` builds that function (and its smooth surrogate, used by the
+attribution attack) from a model name:
+
+  init_fn, apply_fn, surrogate_apply_fn = make_apply_fns(
+      "mnist_cnn", num_classes=10)
+  params = init_fn(jax.random.key(0), jnp.zeros([1, 28, 28, 1]))
+  logits = apply_fn(params, images)            # ReLU network, [N, 10]
+  smooth = surrogate_apply_fn(params, images)  # same params, softplus network
+
+Model names (`get_model`, `make_apply_fns`):
+
+| name | class, size | paper input |
+|---|---|---|
+| `mnist_cnn` | `MnistCNN`, 3,274,634 params | [N,28,28,1] in [0,1] |
+| `small_cnn` | `MnistCNN` 3x3x16, 3x3x32, FC 128 | any [N,H,W,C] |
+| `tiny_cnn` | `MnistCNN` 3x3x2, 3x3x4, FC 8 (tests) | any [N,H,W,C] |
+| `resnet_gtsrb` | `ResNet`, 2 units per stage | [N,32,32,3] in [0,255] |
+| `resnet_flower` | `ResNet`, 1 unit per stage | [N,128,128,3] in [0,255] |
+| `tiny_resnet` | `ResNet` 2-4-8 channels, 1 unit (tests) | any [N,H,W,C] |
+
+Activations (default first, then the attack's surrogate): CNNs relu /
+softplus; ResNets leaky_relu / leaky_softplus.
+
+References:
+  Chen, Wu, Rastogi, Liang, Jha, "Robust Attribution Regularization",
+  NeurIPS 2019 (spec Sec. 5); Madry et al., "Towards Deep Learning Models
+  Resistant to Adversarial Attacks", ICLR 2018 (MNIST CNN, CIFAR ResNet).
+"""
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Slope of the ResNet's leaky ReLU and its surrogate (code: `_relu(x, 0.1)`).
+LEAKINESS = 0.1
+
+
+def leaky_relu(x: Array) -> Array:
+  """Leaky ReLU with slope 0.1; the gradient at 0 is 1, as in the paper's code.
+
+  Args:
+    x: any shape.
+
+  Returns:
+    `where(x < 0, 0.1 x, x)`, same shape as `x`.
+  """
+  return jnp.where(x < 0, LEAKINESS * x, x)
+
+
+def leaky_softplus(x: Array) -> Array:
+  """Smooth surrogate of `leaky_relu`: `0.1 x + 0.9 softplus(x)`.
+
+  Args:
+    x: any shape.
+
+  Returns:
+    Same shape as `x`.
+  """
+  return LEAKINESS * x + (1.0 - LEAKINESS) * jax.nn.softplus(x)
+
+
+# The one place where activation names resolve.
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "relu": jax.nn.relu,
+    "softplus": jax.nn.softplus,
+    "leaky_relu": leaky_relu,
+    "leaky_softplus": leaky_softplus,
+}
+
+# Activation -> the smooth activation the attribution attack differentiates.
+SURROGATES: dict[str, str] = {
+    "relu": "softplus",
+    "softplus": "softplus",
+    "leaky_relu": "leaky_softplus",
+    "leaky_softplus": "leaky_softplus",
+}
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+  """Returns the activation function called `name`.
+
+  Args:
+    name: a key of `ACTIVATIONS`.
+
+  Returns:
+    An elementwise function, array -> array of the same shape.
+
+  Raises:
+    ValueError: `name` is not one of `ACTIVATIONS`.
+  """
+  if name not in ACTIVATIONS:
+    raise ValueError(
+        f"Unknown activation {name!r}; accepted: {sorted(ACTIVATIONS)}.")
+  return ACTIVATIONS[name]
+
+
+def max_pool_2x2(x: Array) -> Array:
+  """2x2 max-pool, stride 2, SAME padding (TF `tf.nn.max_pool` semantics).
+
+  Like `lax.reduce_window` (and TF), the input gradient goes to the first
+  maximum of each window, and the pool is twice differentiable; a plain
+  reshape + max would split the gradient among tied maxima, and ties are
+  common on MNIST (saturated pixels). Tested equal to `nn.max_pool`, values
+  and gradients.
+
+  Args:
+    x: [N, H, W, C].
+
+  Returns:
+    [N, ceil(H/2), ceil(W/2), C].
+  """
+  n, h, w, c = x.shape
+  # SAME padding: an odd edge gets a padded row/column that never wins.
+  x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)),
+              constant_values=-jnp.inf)
+  h2, w2 = (h + 1) // 2, (w + 1) // 2
+  windows = x.reshape(n, h2, 2, w2, 2, c).transpose(0, 1, 3, 5, 2, 4)
+  windows = windows.reshape(n, h2, w2, c, 4)
+  # The value of the first maximum (row-major in the window), picked by a
+  # constant one-hot: the gradient goes to that element only, exactly as
+  # `lax.reduce_window`'s, but XLA:CPU runs it ~1.5x faster than
+  # reduce_window's select-and-scatter (and its double backward).
+  first = jax.lax.stop_gradient(
+      jax.nn.one_hot(jnp.argmax(windows, axis=-1), 4, dtype=bool))
+  return jnp.sum(jnp.where(first, windows, 0.0), axis=-1)
+
+
+class MnistCNN(nn.Module):
+  """Madry's MNIST CNN (also the paper's Fashion-MNIST model), parameterised.
+
+  conv k x k x c1 SAME + bias -> act -> maxpool 2x2/2 -> conv k x k x c2 ->
+  act -> maxpool -> flatten -> FC `dense_features` -> act -> FC `num_classes`.
+
+  Initialisation as in the paper's code: weights `tf.truncated_normal(stddev=
+  0.1)`, i.e. a N(0, 0.1^2) truncated at +-2 std (0.2), whose actual standard
+  deviation is 0.1 * 0.8796 = 0.088 (`jax.nn.initializers.truncated_normal(
+  0.1)` has the same meaning: `stddev` is that of the untruncated normal);
+  biases constant 0.1.
+
+  Attributes:
+    num_classes: number of logits.
+    conv_features: channels of the conv layers (each followed by a pool).
+    kernel_size: spatial size of the square conv kernels.
+    dense_features: width of the hidden FC layer.
+    activation: a name in `ACTIVATIONS`; the paper uses "relu" and its
+      attribution attack "softplus". Parameters do not depend on it.
+
+  References:
+    Madry et al. 2018, MNIST challenge `model.py`; RAR spec Sec. 5.1.
+  """
+  num_classes: int = 10
+  conv_features: Sequence[int] = (32, 64)
+  kernel_size: int = 5
+  dense_features: int = 1024
+  activation: str = "relu"
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:
+    """Applies the network.
+
+    Args:
+      inputs: [N, H, W, C] (paper: [N, 28, 28, 1] in [0, 1]).
+
+    Returns:
+      logits: [N, num_classes].
+    """
+    act = get_activation(self.activation)
+    kernel_init = jax.nn.initializers.truncated_normal(0.1)
+    bias_init = jax.nn.initializers.constant(0.1)
+    x = inputs
+    for i, features in enumerate(self.conv_features):
+      x = nn.Conv(features, (self.kernel_size, self.kernel_size),
+                  padding="SAME", kernel_init=kernel_init,
+                  bias_init=bias_init, name=f"conv{i + 1}")(x)
+      x = max_pool_2x2(act(x))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.Dense(self.dense_features, kernel_init=kernel_init,
+                 bias_init=bias_init, name="fc1")(x)
+    x = act(x)
+    return nn.Dense(self.num_classes, kernel_init=kernel_init,
+                    bias_init=bias_init, name="fc2")(x)
+
+
+def per_image_standardization(x: Array) -> Array:
+  """`tf.image.per_image_standardization`: `(x - mean) / max(std, 1/sqrt(n))`.
+
+  mean and std are over each image's H*W*C = n values. `max(std, 1/sqrt(n))`
+  is computed as `sqrt(max(var, 1/n))`: the same value, but with a zero (not
+  NaN) gradient for uniform images, whose `sqrt(var)` has an infinite
+  derivative.
+
+  Args:
+    x: [N, H, W, C].
+
+  Returns:
+    [N, H, W, C], float.
+  """
+  num_values = x.shape[1] * x.shape[2] * x.shape[3]
+  mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=(1, 2, 3), keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(jnp.maximum(var, 1.0 / num_values))
+
+
+class ResidualUnit(nn.Module):
+  """Pre-activation residual unit without batch-norm (Madry's CIFAR ResNet).
+
+  `act -> conv3x3(stride) -> act -> conv3x3`, plus the shortcut. With
+  `activate_before_residual` the activation is applied before the split, so
+  the shortcut carries the activated input. When the shape changes the
+  shortcut is avg-pooled (kernel = stride, VALID) and zero-padded by
+  (out - in)/2 channels on each side.
+
+  Attributes:
+    features: output channels.
+    stride: stride of the first conv (and of the shortcut pooling).
+    activate_before_residual: see above (first unit of the first stage).
+    activation: a name in `ACTIVATIONS`.
+  """
+  features: int
+  stride: int = 1
+  activate_before_residual: bool = False
+  activation: str = "leaky_relu"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Applies the unit.
+
+    Args:
+      x: [N, H, W, C_in].
+
+    Returns:
+      [N, ceil(H/stride), ceil(W/stride), features].
+    """
+    act = get_activation(self.activation)
+    in_features = x.shape[-1]
+    if (self.features - in_features) % 2:
+      raise ValueError(
+          f"ResidualUnit pads the shortcut by (out - in)/2 channels per side, "
+          f"so out - in must be even; got in={in_features}, "
+          f"out={self.features}.")
+    if self.activate_before_residual:
+      x = act(x)
+      shortcut = x
+    else:
+      shortcut = x
+      x = act(x)
+    x = _conv3x3(self.features, self.stride, "conv1")(x)
+    x = act(x)
+    x = _conv3x3(self.features, 1, "conv2")(x)
+    if self.stride > 1:
+      shortcut = nn.avg_pool(shortcut, (self.stride, self.stride),
+                             strides=(self.stride, self.stride),
+                             padding="VALID")
+    if self.features != in_features:
+      pad = (self.features - in_features) // 2
+      shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (pad, pad)))
+    return x + shortcut
+
+
+def _conv3x3(features: int, stride: int, name: str) -> nn.Conv:
+  # TF code: random_normal(stddev=sqrt(2 / (3*3*out))), untruncated; flax
+  # kernels are [3, 3, in, out], so fan_out = 9 * out; "normal" is the
+  # untruncated normal in jax.nn.initializers.variance_scaling.
+  return nn.Conv(
+      features, (3, 3), strides=(stride, stride), padding="SAME",
+      use_bias=False, name=name,
+      kernel_init=jax.nn.initializers.variance_scaling(
+          2.0, "fan_out", "normal"))
+
+
+class ResNet(nn.Module):
+  """The paper's GTSRB / Flower ResNet: Madry's CIFAR ResNet without BN.
+
+  per-image standardisation -> conv 3x3 x stem (no bias) -> stages of
+  `ResidualUnit`s -> act -> global average pool -> FC (bias).
+
+  Per-image standardisation inside the model makes it invariant to input
+  scale (`f(c x) = f(x)`, c > 0), so zero-baseline IG is proportional to
+  gradient x input (spec Sec. 6.4, 8.12).
+
+  Attributes:
+    num_classes: number of logits (GTSRB 43, Flower 17).
+    num_units_per_stage: residual units per stage (GTSRB 2, Flower 1).
+    stem_features: channels of the stem conv.
+    stage_features: output channels of each stage.
+    stage_strides: stride of the first unit of each stage.
+    activation: a name in `ACTIVATIONS`; the paper uses "leaky_relu" and its
+      attribution attack "leaky_softplus". Parameters do not depend on it.
+
+  References:
+    Madry et al. 2018, CIFAR10 challenge `model.py`; RAR spec Sec. 5.2-5.3.
+  """
+  num_classes: int = 43
+  num_units_per_stage: int = 2
+  stem_features: int = 16
+  stage_features: Sequence[int] = (16, 32, 64)
+  stage_strides: Sequence[int] = (1, 2, 2)
+  activation: str = "leaky_relu"
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:
+    """Applies the network.
+
+    Args:
+      inputs: [N, H, W, C] (paper: pixels in [0, 255]; any scale works).
+
+    Returns:
+      logits: [N, num_classes].
+    """
+    if len(self.stage_features) != len(self.stage_strides):
+      raise ValueError(
+          f"stage_features {tuple(self.stage_features)} and stage_strides "
+          f"{tuple(self.stage_strides)} must have the same length.")
+    act = get_activation(self.activation)
+    x = per_image_standardization(inputs)
+    x = _conv3x3(self.stem_features, 1, "init_conv")(x)
+    for stage, (features, stride) in enumerate(
+        zip(self.stage_features, self.stage_strides, strict=True)):
+      for unit in range(self.num_units_per_stage):
+        x = ResidualUnit(
+            features, stride=stride if unit == 0 else 1,
+            activate_before_residual=(stage == 0 and unit == 0),
+            activation=self.activation,
+            name=f"unit_{stage + 1}_{unit}")(x)
+    x = jnp.mean(act(x), axis=(1, 2))
+    # TF uniform_unit_scaling_initializer(factor=1.0): U(+-sqrt(3 / fan_in)).
+    return nn.Dense(
+        self.num_classes, name="logit",
+        kernel_init=jax.nn.initializers.variance_scaling(
+            1.0, "fan_in", "uniform"),
+        bias_init=jax.nn.initializers.zeros)(x)
+
+
+# The one place where model names resolve: (class, default fields).
+_MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    "mnist_cnn": (MnistCNN, {}),
+    "small_cnn": (MnistCNN, dict(conv_features=(16, 32), kernel_size=3,
+                                 dense_features=128)),
+    "tiny_cnn": (MnistCNN, dict(conv_features=(2, 4), kernel_size=3,
+                                dense_features=8)),
+    "resnet_gtsrb": (ResNet, dict(num_units_per_stage=2)),
+    "resnet_flower": (ResNet, dict(num_units_per_stage=1)),
+    "tiny_resnet": (ResNet, dict(num_units_per_stage=1, stem_features=2,
+                                 stage_features=(2, 4, 8))),
+}
+MODEL_NAMES = tuple(_MODELS)
+
+
+def get_model(name: str, *, num_classes: int, activation: str | None = None,
+              **overrides: Any) -> nn.Module:
+  """Builds the Flax module called `name`.
+
+  Args:
+    name: one of `MODEL_NAMES` (see the module docstring).
+    num_classes: number of logits.
+    activation: a name in `ACTIVATIONS`; None takes the model's default
+      ("relu" for the CNNs, "leaky_relu" for the ResNets).
+    **overrides: other fields of the model class (e.g. `conv_features=(4, 8)`
+      or `stage_features=...`), replacing the preset's values.
+
+  Returns:
+    An `nn.Module` mapping [N, H, W, C] inputs to [N, num_classes] logits.
+
+  Raises:
+    ValueError: unknown model name, activation or override field.
+  """
+  if name not in _MODELS:
+    raise ValueError(
+        f"Unknown model name {name!r}; accepted: {sorted(_MODELS)}.")
+  cls, preset = _MODELS[name]
+  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+  unknown = set(overrides) - fields
+  if unknown:
+    raise ValueError(
+        f"Unknown override(s) {sorted(unknown)} for model {name!r} "
+        f"({cls.__name__}); accepted: "
+        f"{sorted(fields - {'num_classes', 'activation'})}.")
+  kwargs = {**preset, **overrides, "num_classes": num_classes}
+  if activation is not None:
+    get_activation(activation)  # Validates the name.
+    kwargs["activation"] = activation
+  return cls(**kwargs)
+
+
+def make_apply_fns(
+    model_name: str, *, num_classes: int, activation: str | None = None,
+    **overrides: Any,
+) -> tuple[Callable[[Array, Array], Any], Callable[[Any, Array], Array],
+           Callable[[Any, Array], Array]]:
+  """Returns `(init_fn, apply_fn, surrogate_apply_fn)` for a named model.
+
+  Example:
+    init_fn, apply_fn, smooth_fn = make_apply_fns("small_cnn", num_classes=10)
+    params = init_fn(jax.random.key(0), jnp.zeros([1, 28, 28, 1]))
+    logits = apply_fn(params, x)     # [N, 10]
+
+  Args:
+    model_name: one of `MODEL_NAMES`.
+    num_classes: number of logits.
+    activation: activation of `apply_fn` (None: the model's default).
+    **overrides: other model fields, as in `get_model`.
+
+  Returns:
+    init_fn: `(key, inputs [N, H, W, C]) -> params` (the `"params"`
+      collection; conv/FC weights are the leaves named `kernel`).
+    apply_fn: `(params, inputs [N, H, W, C]) -> logits [N, num_classes]`.
+    surrogate_apply_fn: the same with the activation replaced by its smooth
+      surrogate (`SURROGATES`: relu -> softplus, leaky_relu ->
+      leaky_softplus), sharing `params`; the attribution attack uses it.
+
+  Raises:
+    ValueError: as `get_model`.
+  """
+  model = get_model(model_name, num_classes=num_classes,
+                    activation=activation, **overrides)
+  surrogate = model.clone(activation=SURROGATES[model.activation])
+
+  def init_fn(key: Array, inputs: Array) -> Any:
+    return model.init(key, inputs)["params"]
+
+  def apply_fn(params: Any, inputs: Array) -> Array:
+    return model.apply({"params": params}, inputs)
+
+  def surrogate_apply_fn(params: Any, inputs: Array) -> Array:
+    return surrogate.apply({"params": params}, inputs)
+
+  return init_fn, apply_fn, surrogate_apply_fn

@@ -1,0 +1,377 @@
+"""Tests for rar_jax.data: sources, preparation, deterministic batching."""
+
+import gzip
+import itertools
+import pickle
+import struct
+
+import jax
+import numpy as np
+import pytest
+
+from rar_jax import data
+from rar_jax.data import prepare
+
+_RNG = np.random.default_rng(0)
+
+
+# --- Embedded MNIST sample --------------------------------------------------
+
+def test_embedded_mnist_shapes_range_and_labels():
+  train_x, train_y = data.load_embedded_mnist("train")
+  test_x, test_y = data.load_dataset("embedded_mnist", "test")
+  assert train_x.shape == (2500, 28, 28, 1) and train_y.shape == (2500,)
+  assert test_x.shape == (500, 28, 28, 1) and test_y.shape == (500,)
+  for x, y in ((train_x, train_y), (test_x, test_y)):
+    assert x.dtype == np.float32 and y.dtype == np.int32
+    assert x.min() == 0.0 and x.max() == 1.0
+    assert 0.05 < x.mean() < 0.25  # Mostly black digits.
+  # Class counts recorded in rar_jax/data/README.md.
+  np.testing.assert_array_equal(
+      np.bincount(train_y, minlength=10),
+      [230, 281, 241, 283, 252, 207, 248, 256, 243, 259])
+  np.testing.assert_array_equal(
+      np.bincount(test_y, minlength=10),
+      [44, 43, 59, 55, 60, 38, 51, 59, 47, 44])
+  # Pixels are k/255 exactly as TF's reader makes them (x * float32(1/255)).
+  k = np.rint(train_x * 255)
+  np.testing.assert_array_equal(train_x, k.astype(np.float32)
+                                * np.float32(1 / 255))
+
+
+def test_embedded_mnist_bad_split():
+  with pytest.raises(ValueError, match="'validation'.*'train', 'test'"):
+    data.load_embedded_mnist("validation")
+
+
+# --- tensorflow-datasets (mocked: no network, no TensorFlow) -----------------
+
+@pytest.fixture(scope="module", name="tfds")
+def _tfds():
+  return pytest.importorskip("tensorflow_datasets")
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_tfds_mnist_like(tfds, name):
+  with tfds.testing.mock_data(num_examples=6):
+    images, labels = data.load_dataset(name, "train")
+  assert images.shape == (6, 28, 28, 1) and images.dtype == np.float32
+  assert labels.shape == (6,) and labels.dtype == np.int32
+  assert 0.0 <= images.min() and images.max() <= 1.0
+  assert 0 <= labels.min() and labels.max() < 10
+
+
+def test_tfds_flowers_resized_to_fixed_size(tfds):
+  pytest.importorskip("PIL")
+  # Mock flower images have random, different sizes.
+  with tfds.testing.mock_data(num_examples=5):
+    images, labels = data.load_dataset("oxford_flowers102", "test",
+                                       image_size=(16, 16))
+    default, _ = data.load_dataset("oxford_flowers102", "train")
+  assert images.shape == (5, 16, 16, 3) and labels.shape == (5,)
+  assert default.shape == (5, 128, 128, 3)
+  assert images.max() > 1.0 and images.max() <= 255.0  # Paper range.
+
+
+def test_tfds_missing_dataset_gives_clear_error(tfds, tmp_path):
+  del tfds
+  with pytest.raises(FileNotFoundError,
+                     match=r"(?s)'mnist'.*array_record.*tensorflow"):
+    data.load_dataset("mnist", "train", data_dir=str(tmp_path))
+
+
+# --- .npz -------------------------------------------------------------------
+
+def test_npz_layouts(tmp_path):
+  images = _RNG.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+  labels = np.arange(5, dtype=np.uint8)
+  np.savez(tmp_path / "single.npz", images=images, labels=labels)
+  x, y = data.load_dataset(f"npz:{tmp_path / 'single.npz'}", "train")
+  np.testing.assert_array_equal(x, images.astype(np.float32))  # [0, 255].
+  assert y.dtype == np.int32 and list(y) == list(range(5))
+
+  # Keras-style keys, grayscale [N, H, W] gets a channel axis.
+  np.savez(tmp_path / "keras.npz", x_train=images[:3, :, :, 0],
+           y_train=labels[:3], x_test=images[3:, :, :, 0], y_test=labels[3:])
+  x, y = data.load_dataset(f"npz:{tmp_path / 'keras.npz'}", "test",
+                           pixel_max=1.0)
+  assert x.shape == (2, 4, 4, 1) and list(y) == [3, 4]
+  np.testing.assert_allclose(x[..., 0], images[3:, :, :, 0] / 255, rtol=1e-6)
+
+  # A folder of {split}.npz, as written by `prepare`; float pixels unchanged.
+  (tmp_path / "dir").mkdir()
+  floats = _RNG.uniform(size=(2, 3, 3, 1)).astype(np.float64)
+  np.savez(tmp_path / "dir" / "test.npz", images=floats, labels=[1, 0])
+  x, y = data.load_dataset(f"npz:{tmp_path / 'dir'}", "test")
+  np.testing.assert_allclose(x, floats.astype(np.float32))
+  assert x.dtype == np.float32 and list(y) == [1, 0]
+
+
+def test_npz_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="train.npz"):
+    data.load_dataset(f"npz:{tmp_path}", "train")
+  np.savez(tmp_path / "bad.npz", pixels=np.zeros((2, 2, 2)), y=[0, 1])
+  with pytest.raises(ValueError, match=r"\['pixels', 'y'\].*'images'/'labels'"):
+    data.load_dataset(f"npz:{tmp_path / 'bad.npz'}", "train")
+  np.savez(tmp_path / "short.npz", images=np.zeros((3, 2, 2)), labels=[0])
+  with pytest.raises(ValueError, match="N = 3"):
+    data.load_dataset(f"npz:{tmp_path / 'short.npz'}", "train")
+
+
+# --- IDX --------------------------------------------------------------------
+
+def _idx_bytes(array):
+  header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
+  header += struct.pack(">" + "I" * array.ndim, *array.shape)
+  return header + array.astype(np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_idx_files(tmp_path, gzipped):
+  splits = {"train": (7, "train"), "test": (3, "t10k")}
+  expected = {}
+  for split, (n, stem) in splits.items():
+    images = _RNG.integers(0, 256, (n, 5, 6), dtype=np.uint8)
+    labels = _RNG.integers(0, 10, n, dtype=np.uint8)
+    expected[split] = (images, labels)
+    for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+      raw = _idx_bytes(array)
+      path = tmp_path / f"{stem}-{kind}-ubyte"
+      if gzipped:
+        path = path.with_name(path.name + ".gz")
+        raw = gzip.compress(raw)
+      path.write_bytes(raw)
+  for split, (images, labels) in expected.items():
+    x, y = data.load_dataset(f"idx:{tmp_path}", split)
+    assert x.shape == images.shape + (1,) and x.dtype == np.float32
+    np.testing.assert_allclose(x[..., 0] * 255, images, atol=1e-4)  # [0, 1].
+    np.testing.assert_array_equal(y, labels)
+  suffix = ".gz" if gzipped else ""
+  np.testing.assert_array_equal(
+      data.read_idx(tmp_path / f"t10k-images-idx3-ubyte{suffix}"),
+      expected["test"][0])
+
+
+def test_idx_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+    data.load_dataset(f"idx:{tmp_path}", "train")
+  with pytest.raises(ValueError, match="'valid'.*'train', 'test'"):
+    data.load_idx(str(tmp_path), "valid")
+  (tmp_path / "bad").write_bytes(b"\x12\x34\x08\x01\x00\x00\x00\x01\x05")
+  with pytest.raises(ValueError, match="not an IDX file"):
+    data.read_idx(tmp_path / "bad")
+  (tmp_path / "short").write_bytes(_idx_bytes(np.zeros(4))[:-1])
+  with pytest.raises(ValueError, match="needs 4 bytes"):
+    data.read_idx(tmp_path / "short")
+
+
+# --- Image folders ----------------------------------------------------------
+
+def _write_ppm(path, image):
+  height, width, _ = image.shape
+  path.write_bytes(b"P6\n# comment\n%d %d\n255\n" % (width, height)
+                   + image.tobytes())
+
+
+def test_folder_of_ppm_images_without_pillow(tmp_path):
+  # GTSRB's layout: class folders of .ppm images plus a .csv annotation file.
+  classes = {"00001": 2, "00000": 3}
+  written = {}
+  for name, n in classes.items():
+    (tmp_path / "train" / name).mkdir(parents=True)
+    (tmp_path / "train" / name / "GT.csv").write_text("a;b\n")
+    for i in range(n):
+      image = _RNG.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+      _write_ppm(tmp_path / "train" / name / f"{i:05d}.ppm", image)
+      written[(name, i)] = image
+  x, y = data.load_dataset(f"folder:{tmp_path}", "train")
+  assert x.shape == (5, 4, 5, 3) and x.dtype == np.float32
+  np.testing.assert_array_equal(y, [0, 0, 0, 1, 1])  # Sorted class names.
+  np.testing.assert_array_equal(x[0], written[("00000", 0)])
+  np.testing.assert_array_equal(x[4], written[("00001", 1)])
+
+
+def test_folder_of_png_images(tmp_path):
+  image_module = pytest.importorskip("PIL.Image")
+  for label, name in enumerate(["cat", "dog"]):
+    (tmp_path / name).mkdir()
+    for i in range(2):
+      size = (6, 8) if i == 0 else (5, 7)  # (width, height) differs.
+      array = np.full(size[::-1], 40 * label + 10 * i, np.uint8)
+      image_module.fromarray(array).save(tmp_path / name / f"{i}.png")
+  with pytest.raises(ValueError, match="different sizes.*image_size"):
+    data.load_dataset(f"folder:{tmp_path}", "test")
+  x, y = data.load_dataset(f"folder:{tmp_path}", "test", image_size=(8, 6))
+  assert x.shape == (4, 8, 6, 1) and list(y) == [0, 0, 1, 1]
+  np.testing.assert_array_equal(x[:, 0, 0, 0], [0, 10, 40, 50])
+
+
+def test_folder_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="No image folder"):
+    data.load_dataset(f"folder:{tmp_path / 'missing'}", "train")
+  (tmp_path / "a").mkdir()
+  with pytest.raises(FileNotFoundError, match="one sub-folder per class"):
+    data.load_dataset(f"folder:{tmp_path}", "train")
+
+
+def test_unknown_dataset_name():
+  with pytest.raises(ValueError,
+                     match=r"'cifar10'.*embedded_mnist.*npz:\.\.\."):
+    data.load_dataset("cifar10", "train")
+
+
+# --- Preparation (GTSRB, Flower-17) -----------------------------------------
+
+def test_equalize_hist_matches_opencv():
+  x = np.array([[52, 55, 61, 59, 79], [62, 59, 55, 104, 94],
+                [63, 65, 66, 113, 144], [68, 70, 70, 126, 154]], np.uint8)
+  # Reference output of cv2.equalizeHist (OpenCV 5.0.0) on this input.
+  expected = [[0, 27, 67, 54, 174], [81, 54, 27, 201, 188],
+              [94, 107, 121, 215, 242], [134, 161, 161, 228, 255]]
+  np.testing.assert_array_equal(prepare.equalize_hist(x), expected)
+
+
+def test_equalize_hist_properties():
+  x = (_RNG.integers(0, 60, (9, 11)) + 30).astype(np.uint8)
+  out = prepare.equalize_hist(x)
+  assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255
+  order = np.argsort(x, axis=None, kind="stable")
+  assert np.all(np.diff(out.ravel()[order].astype(int)) >= 0)  # Monotone.
+  np.testing.assert_array_equal(  # Equal inputs, equal outputs.
+      len(np.unique(out)), len(np.unique(x)))
+  constant = np.full((3, 3), 17, np.uint8)
+  np.testing.assert_array_equal(prepare.equalize_hist(constant), constant)
+  # Channels and images are equalised independently.
+  images = _RNG.integers(0, 100, (3, 5, 5, 3), dtype=np.uint8)
+  out = prepare.equalize_images(images, chunk_size=2)
+  for n, c in itertools.product(range(3), range(3)):
+    np.testing.assert_array_equal(out[n, :, :, c],
+                                  prepare.equalize_hist(images[n, :, :, c]))
+
+
+def test_prepare_gtsrb_from_udacity_pickles(tmp_path):
+  source = tmp_path / "src"
+  source.mkdir()
+  for split, n in (("train", 6), ("test", 4)):
+    features = _RNG.integers(20, 90, (n, 32, 32, 3), dtype=np.uint8)
+    with open(source / f"{split}.p", "wb") as f:
+      pickle.dump({"features": features, "labels": np.arange(n) % 43}, f)
+  prepare.main(["gtsrb", f"--source={source}", f"--output={tmp_path / 'out'}"])
+  x, y = data.load_dataset(f"npz:{tmp_path / 'out'}", "train")
+  assert x.shape == (6, 32, 32, 3) and list(y) == list(range(6))
+  assert x.min() == 0.0 and x.max() == 255.0  # Equalised, [0, 255].
+  x, y = data.load_dataset(f"npz:{tmp_path / 'out'}", "test")
+  assert x.shape == (4, 32, 32, 3)
+  with pytest.raises(FileNotFoundError, match="train.p/test.p"):
+    prepare.prepare_gtsrb(str(tmp_path / "out" / "nothing"), str(tmp_path))
+
+
+def test_split_per_class():
+  labels = np.array([2, 0, 0, 1, 2, 0, 1, 2])
+  train, test = prepare.split_per_class(labels, num_train_per_class=2)
+  np.testing.assert_array_equal(train, [0, 1, 2, 3, 4, 6])
+  np.testing.assert_array_equal(test, [5, 7])
+
+
+def test_prepare_flower17_split(tmp_path):
+  image_module = pytest.importorskip("PIL.Image")
+  num_classes, per_class = 3, 10
+  source = tmp_path / "jpg"
+  source.mkdir()
+  for number in range(1, num_classes * per_class + 1):
+    # Pixel value encodes the file number; sizes vary like the real set.
+    array = np.full((12 + number % 3, 10, 3), number, np.uint8)
+    image_module.fromarray(array).save(source / f"image_{number:04d}.png")
+  prepare.main(["flower17", f"--source={source}",
+                f"--output={tmp_path / 'out'}", "--images_per_class=10",
+                "--num_train_per_class=8", "--image_size=8"])
+  train_x, train_y = data.load_dataset(f"npz:{tmp_path / 'out'}", "train")
+  test_x, test_y = data.load_dataset(f"npz:{tmp_path / 'out'}", "test")
+  assert train_x.shape == (24, 8, 8, 3) and test_x.shape == (6, 8, 8, 3)
+  np.testing.assert_array_equal(np.bincount(train_y), [8, 8, 8])
+  np.testing.assert_array_equal(np.bincount(test_y), [2, 2, 2])
+  # Every image once, with label (number - 1) // 10.
+  numbers = np.concatenate([train_x[:, 0, 0, 0], test_x[:, 0, 0, 0]])
+  np.testing.assert_array_equal(np.sort(numbers), np.arange(1, 31))
+  labels = np.concatenate([train_y, test_y])
+  np.testing.assert_array_equal(labels, (numbers.astype(int) - 1) // 10)
+  # The order follows np.random.seed(4557077); np.random.permutation(30).
+  order = np.random.RandomState(4557077).permutation(30) + 1
+  expected_train = [n for n in order if sum(
+      (m - 1) // 10 == (n - 1) // 10 for m in order[:list(order).index(n)]) < 8]
+  np.testing.assert_array_equal(train_x[:, 0, 0, 0], expected_train)
+
+
+# --- Deterministic batching and sharding ------------------------------------
+
+def _take(iterator, n):
+  return [tuple(np.copy(a) for a in b) for b in itertools.islice(iterator, n)]
+
+
+def test_batches_are_deterministic_and_cover_each_epoch():
+  images = np.arange(10, dtype=np.float32)[:, None] * np.ones((1, 3))
+  labels = np.arange(10)
+  run = _take(data.batches(images, labels, batch_size=3, seed=7), 9)
+  again = _take(data.batches(images, labels, batch_size=3, seed=7), 9)
+  other = _take(data.batches(images, labels, batch_size=3, seed=8), 9)
+  for (x, y), (x2, y2) in zip(run, again, strict=True):
+    np.testing.assert_array_equal(x, x2)
+    np.testing.assert_array_equal(y, y2)
+  assert any(not np.array_equal(a[1], b[1]) for a, b in zip(run, other, strict=True))
+  # 3 batches per epoch (remainder dropped), no repeats inside an epoch,
+  # and each epoch is its own permutation.
+  for epoch in range(3):
+    seen = np.concatenate([y for _, y in run[3 * epoch:3 * epoch + 3]])
+    assert len(set(seen)) == 9
+    np.testing.assert_array_equal(
+        seen, data.epoch_permutation(10, seed=7, epoch=epoch)[:9])
+  for x, y in run:
+    np.testing.assert_array_equal(x[:, 0], y)  # Pairs stay aligned.
+
+
+@pytest.mark.parametrize("k", [0, 1, 4, 7])
+def test_resume_equals_uninterrupted_run(k):
+  images, labels = np.arange(22)[:, None], np.arange(22)
+  full = _take(data.batches(images, labels, batch_size=4, seed=3), 12)
+  resumed = _take(data.batches(images, labels, batch_size=4, seed=3,
+                               start_step=k), 12 - k)
+  for (_, y), (_, y2) in zip(full[k:], resumed, strict=True):
+    np.testing.assert_array_equal(y, y2)
+
+
+def test_ordered_single_pass_keeps_remainder():
+  labels = np.arange(7)
+  out = list(data.batches(labels, labels, batch_size=3, shuffle=False,
+                          num_epochs=1, drop_remainder=False))
+  assert [list(y) for _, y in out] == [[0, 1, 2], [3, 4, 5], [6]]
+  x, y, mask = data.pad_batch(*out[-1], batch_size=3)
+  assert list(y) == [6, 0, 0] and list(mask) == [1, 0, 0]
+  assert x.shape == (3,)
+
+
+def test_sharding_shapes_and_hosts():
+  assert jax.local_device_count() == 4  # From tests/conftest.py.
+  images = np.arange(16 * 2 * 2).reshape(16, 2, 2).astype(np.float32)
+  labels = np.arange(16)
+  x, y = next(data.batches(images, labels, batch_size=8, seed=0,
+                           num_devices=4))
+  assert x.shape == (4, 2, 2, 2) and y.shape == (4, 2)
+  # Two hosts with two devices each split a global batch of 8 contiguously.
+  batch = (np.arange(8), np.arange(8) * 10)
+  parts = [data.shard_batch(batch, num_devices=2, process_index=i,
+                            process_count=2) for i in range(2)]
+  np.testing.assert_array_equal(parts[0][0], [[0, 1], [2, 3]])
+  np.testing.assert_array_equal(parts[1][0], [[4, 5], [6, 7]])
+  np.testing.assert_array_equal(parts[1][1], [[40, 50], [60, 70]])
+
+
+def test_batching_errors():
+  x = np.zeros((10, 2))
+  with pytest.raises(ValueError, match="Batch size 6 .* devices 4"):
+    next(data.batches(x, x, batch_size=6, seed=0, num_devices=4))
+  with pytest.raises(ValueError, match="Batch size 6 .* devices 4"):
+    data.shard_batch(np.zeros((6, 1)), num_devices=4)
+  with pytest.raises(ValueError, match="batch_size 11 .* 10 examples"):
+    next(data.batches(x, x, batch_size=11, seed=0))
+  with pytest.raises(ValueError, match="differ in length: 10 vs 9"):
+    next(data.batches(x, x[:9], batch_size=2, seed=0))

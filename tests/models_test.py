@@ -1,0 +1,285 @@
+"""Tests for rar_jax.models: shapes, parameter counts, init, activations."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rar_jax import models
+
+# RBG keys compile far faster than threefry on CPU; the library is agnostic.
+_KEY = jax.random.key(0, impl="rbg")
+_RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module", name="tiny")
+def _tiny_models():
+  """name -> (init_fn, apply_fn, surrogate_fn, params, inputs), built once."""
+  out = {}
+  for name, shape, scale in (("tiny_cnn", (2, 12, 12, 1), 1.0),
+                             ("tiny_resnet", (2, 8, 8, 3), 255.0)):
+    init_fn, apply_fn, surrogate_fn = models.make_apply_fns(
+        name, num_classes=3)
+    inputs = jnp.asarray(_RNG.uniform(size=shape) * scale, jnp.float32)
+    params = jax.jit(init_fn)(_KEY, inputs)
+    out[name] = (init_fn, jax.jit(apply_fn), jax.jit(surrogate_fn), params,
+                 inputs)
+  return out
+
+
+def _cnn_param_count(in_channels, conv_features, kernel, dense, num_classes,
+                     image_side):
+  c1, c2 = conv_features
+  side = math.ceil(math.ceil(image_side / 2) / 2)  # Two SAME 2x2/2 pools.
+  return ((kernel * kernel * in_channels * c1 + c1)
+          + (kernel * kernel * c1 * c2 + c2)
+          + (side * side * c2 * dense + dense)
+          + (dense * num_classes + num_classes))
+
+
+def _resnet_param_count(units, stem, stages, num_classes, in_channels=3):
+  count = 9 * in_channels * stem  # Stem conv, no bias.
+  in_features = stem
+  for features in stages:
+    for _ in range(units):
+      count += 9 * in_features * features + 9 * features * features
+      in_features = features
+  return count + in_features * num_classes + num_classes
+
+
+_CASES = {  # name: (input shape, num_classes, hand-computed parameter count)
+    "mnist_cnn": ((2, 28, 28, 1), 10,
+                  _cnn_param_count(1, (32, 64), 5, 1024, 10, 28)),
+    "small_cnn": ((2, 28, 28, 1), 10,
+                  _cnn_param_count(1, (16, 32), 3, 128, 10, 28)),
+    "tiny_cnn": ((2, 12, 12, 1), 3, _cnn_param_count(1, (2, 4), 3, 8, 3, 12)),
+    "resnet_gtsrb": ((2, 32, 32, 3), 43,
+                     _resnet_param_count(2, 16, (16, 32, 64), 43)),
+    "resnet_flower": ((2, 128, 128, 3), 17,
+                      _resnet_param_count(1, 16, (16, 32, 64), 17)),
+    "tiny_resnet": ((2, 8, 8, 3), 5, _resnet_param_count(1, 2, (2, 4, 8), 5)),
+}
+
+
+def _num_params(params):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def test_hand_formulas_match_the_paper_counts():
+  # 832 + 51,264 + 3,212,288 + 10,250.
+  assert _CASES["mnist_cnn"][2] == 3_274_634
+  assert _CASES["resnet_gtsrb"][2] == 173_723
+  assert _CASES["resnet_flower"][2] == 75_265
+
+
+@pytest.mark.parametrize("name", sorted(_CASES))
+def test_output_shape_and_param_count(name):
+  shape, num_classes, expected = _CASES[name]
+  init_fn, apply_fn, surrogate_fn = models.make_apply_fns(
+      name, num_classes=num_classes)
+  inputs = jax.ShapeDtypeStruct(shape, jnp.float32)
+  params = jax.eval_shape(init_fn, _KEY, inputs)  # Shapes only, no compute.
+  assert _num_params(params) == expected
+  for fn in (apply_fn, surrogate_fn):
+    logits = jax.eval_shape(fn, params, inputs)
+    assert logits.shape == (shape[0], num_classes)
+    assert logits.dtype == jnp.float32
+
+
+def test_mnist_cnn_init_statistics():
+  init_fn, _, _ = models.make_apply_fns("mnist_cnn", num_classes=10)
+  params = jax.jit(init_fn)(_KEY, jnp.zeros((1, 28, 28, 1)))
+  assert set(params) == {"conv1", "conv2", "fc1", "fc2"}
+  for layer in params.values():
+    np.testing.assert_array_equal(layer["bias"], np.float32(0.1))
+  # truncated_normal(0.1): N(0, 0.1^2) cut at +-0.2, std 0.1 * 0.87963.
+  kernel = np.asarray(params["fc1"]["kernel"])  # 3.2M samples.
+  assert np.abs(kernel).max() <= 0.2
+  assert abs(kernel.mean()) < 1e-3
+  np.testing.assert_allclose(kernel.std(), 0.087963, rtol=0.01)
+  conv2 = np.asarray(params["conv2"]["kernel"])
+  np.testing.assert_allclose(conv2.std(), 0.087963, rtol=0.05)
+
+
+def test_resnet_init_statistics():
+  init_fn, _, _ = models.make_apply_fns("resnet_gtsrb", num_classes=43)
+  params = jax.jit(init_fn)(_KEY, jnp.zeros((1, 32, 32, 3)))
+  assert set(params) == {"init_conv", "logit"} | {
+      f"unit_{s}_{u}" for s in (1, 2, 3) for u in (0, 1)}
+  conv = np.asarray(params["unit_3_1"]["conv2"]["kernel"])  # [3,3,64,64].
+  assert set(params["unit_3_1"]["conv2"]) == {"kernel"}  # No conv bias.
+  np.testing.assert_allclose(conv.std(), np.sqrt(2 / (9 * 64)), rtol=0.03)
+  assert np.abs(conv).max() > 3 * np.sqrt(2 / (9 * 64))  # Not truncated.
+  fc = np.asarray(params["logit"]["kernel"])  # [64, 43], U(+-sqrt(3/64)).
+  bound = np.sqrt(3 / 64)
+  assert np.abs(fc).max() <= bound
+  assert np.abs(fc).max() > 0.9 * bound
+  np.testing.assert_array_equal(params["logit"]["bias"], 0.0)
+
+
+@pytest.mark.parametrize("name,activations", [
+    ("tiny_cnn", ("relu", "softplus")),
+    ("tiny_resnet", ("leaky_relu", "leaky_softplus")),
+])
+def test_activations_share_params_and_differ(tiny, name, activations):
+  _, apply_fn, surrogate_fn, params, inputs = tiny[name]
+  relu_model = models.get_model(name, num_classes=3,
+                                activation=activations[0])
+  smooth_model = models.get_model(name, num_classes=3,
+                                  activation=activations[1])
+  # Both activations give the same parameter structure...
+  chex.assert_trees_all_equal_shapes_and_dtypes(
+      jax.eval_shape(relu_model.init, _KEY, inputs),
+      jax.eval_shape(smooth_model.init, _KEY, inputs))
+  # ...and parameters initialised with one apply with the other.
+  relu_out = jax.jit(relu_model.apply)({"params": params}, inputs)
+  smooth_out = jax.jit(smooth_model.apply)({"params": params}, inputs)
+  assert not np.allclose(relu_out, smooth_out, rtol=1e-3)
+  # make_apply_fns gives the same pair by default.
+  np.testing.assert_allclose(apply_fn(params, inputs), relu_out, rtol=1e-5)
+  np.testing.assert_allclose(surrogate_fn(params, inputs), smooth_out,
+                             rtol=1e-5)
+
+
+def test_activation_functions():
+  x = jnp.array([-30.0, -1.0, 0.0, 2.0, 30.0])
+  np.testing.assert_allclose(models.leaky_relu(x), [-3.0, -0.1, 0.0, 2.0, 30.0])
+  np.testing.assert_allclose(
+      models.leaky_softplus(x), 0.1 * x + 0.9 * np.log1p(np.exp(x)),
+      rtol=1e-6)
+  # The surrogate converges to the original away from 0 (|x| >= 30).
+  far = jnp.array([-30.0, 30.0])
+  np.testing.assert_allclose(models.leaky_softplus(far),
+                             models.leaky_relu(far), atol=1e-6)
+  np.testing.assert_allclose(jax.nn.softplus(far), jax.nn.relu(far),
+                             atol=1e-6)
+  # TF's leaky ReLU gradient at 0 is 1 (tf.where(x < 0, ...)).
+  assert jax.grad(models.leaky_relu)(0.0) == 1.0
+
+
+def _relative_gap(apply_fn, surrogate_fn, params, inputs):
+  a, b = apply_fn(params, inputs), surrogate_fn(params, inputs)
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
+
+
+def test_surrogate_close_to_original_at_large_scale(tiny):
+  # Without biases both nets are positively homogeneous in the pre-activation
+  # scale; softplus(z) - relu(z) <= log 2 absolutely, so the relative gap
+  # shrinks like 1/scale.
+  _, apply_fn, surrogate_fn, params, inputs = tiny["tiny_cnn"]
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.zeros_like(x) if path[-1].key == "bias" else x,
+      params)
+  gaps = [_relative_gap(apply_fn, surrogate_fn, params, s * inputs)
+          for s in (1.0, 1e2, 1e4)]
+  assert gaps[0] > gaps[1] > gaps[2]
+  assert gaps[2] < 1e-3
+
+  # ResNet: inputs are standardised, so scale the stem kernel instead.
+  _, apply_fn, surrogate_fn, params, inputs = tiny["tiny_resnet"]
+
+  def scaled(s):
+    kernel = s * params["init_conv"]["kernel"]
+    return {**params, "init_conv": {"kernel": kernel}}
+
+  gaps = [_relative_gap(apply_fn, surrogate_fn, scaled(s), inputs)
+          for s in (1.0, 1e2, 1e4)]
+  assert gaps[0] > gaps[1] > gaps[2]
+  assert gaps[2] < 1e-3
+
+
+def test_resnet_is_scale_invariant(tiny):
+  _, apply_fn, surrogate_fn, params, inputs = tiny["tiny_resnet"]
+  for fn in (apply_fn, surrogate_fn):
+    reference = fn(params, inputs)
+    for c in (0.01, 0.5, 3.0):
+      np.testing.assert_allclose(fn(params, c * inputs), reference,
+                                 rtol=1e-4, atol=1e-5)
+
+
+def test_per_image_standardization_matches_tf_formula():
+  x = _RNG.uniform(size=(3, 4, 5, 3)).astype(np.float32) * 255
+  x[2] = 7.0  # A uniform image: std floored at 1/sqrt(60).
+  x = jnp.asarray(x)
+  xs = np.asarray(x, np.float64)
+  mean = xs.mean(axis=(1, 2, 3), keepdims=True)
+  var = np.maximum((xs**2).mean(axis=(1, 2, 3), keepdims=True) - mean**2, 0)
+  expected = (xs - mean) / np.maximum(np.sqrt(var), 1 / np.sqrt(60))
+  np.testing.assert_allclose(models.per_image_standardization(x), expected,
+                             rtol=1e-4, atol=1e-4)
+  # The uniform image has a finite (zero) gradient, not NaN.
+  grad = jax.grad(lambda x: models.per_image_standardization(x)[2].sum())(x)
+  assert np.all(np.isfinite(grad))
+
+
+def test_max_pool_gradient_goes_to_first_maximum():
+  x = jnp.array([[1.0, 1.0, 0.0, 2.0],
+                 [1.0, 0.0, 2.0, 2.0],
+                 [3.0, 0.0, 5.0, 4.0],
+                 [0.0, 3.0, 4.0, 5.0]])[None, :, :, None]
+  grad = jax.grad(lambda x: models.max_pool_2x2(x).sum())(x)[0, :, :, 0]
+  np.testing.assert_array_equal(grad, [[1, 0, 0, 1],
+                                       [0, 0, 0, 0],
+                                       [1, 0, 1, 0],
+                                       [0, 0, 0, 0]])
+  # SAME padding on odd sizes: 5x5 -> 3x3.
+  assert models.max_pool_2x2(jnp.zeros((1, 5, 5, 2))).shape == (1, 3, 3, 2)
+
+
+@pytest.mark.parametrize("name", ["tiny_cnn", "tiny_resnet"])
+def test_second_order_gradients_are_finite(tiny, name):
+  # The IG objectives differentiate (w.r.t. params and inputs) through an
+  # input gradient: grad of a function of grad_x, for both activations.
+  _, apply_fn, surrogate_fn, params, inputs = tiny[name]
+  labels = jnp.array([0, 2])
+
+  def input_grad_norm(params, x):
+    total = 0.0
+    for fn in (apply_fn, surrogate_fn):
+      def loss(x, fn=fn):
+        log_probs = jax.nn.log_softmax(fn(params, x))
+        return -jnp.sum(log_probs[jnp.arange(2), labels])
+      total += jnp.sum(jnp.abs(jax.grad(loss)(x) * x))
+    return total
+
+  grad_params, grad_x = jax.jit(jax.grad(input_grad_norm, argnums=(0, 1)))(
+      params, inputs)
+  leaves = jax.tree.leaves(grad_params)
+  assert all(np.all(np.isfinite(g)) for g in leaves + [grad_x])
+  assert float(jnp.abs(grad_x).sum()) > 0
+  assert all(float(jnp.abs(g).sum()) > 0 for g in leaves)
+
+
+def test_overrides_and_presets():
+  model = models.get_model("small_cnn", num_classes=7, conv_features=(4, 8))
+  assert isinstance(model, models.MnistCNN)
+  assert tuple(model.conv_features) == (4, 8)
+  assert model.kernel_size == 3 and model.num_classes == 7
+  flower = models.get_model("resnet_flower", num_classes=17)
+  assert flower.num_units_per_stage == 1
+  assert flower.activation == "leaky_relu"
+
+
+def test_unknown_names_raise():
+  with pytest.raises(ValueError, match="Unknown model name 'vgg'.*mnist_cnn"):
+    models.get_model("vgg", num_classes=10)
+  with pytest.raises(ValueError, match="Unknown model name.*tiny_resnet"):
+    models.make_apply_fns("resnet", num_classes=10)
+  with pytest.raises(ValueError, match="Unknown activation 'tanh'.*softplus"):
+    models.get_model("tiny_cnn", num_classes=10, activation="tanh")
+  with pytest.raises(ValueError, match="Unknown override.*'depth'"):
+    models.get_model("tiny_cnn", num_classes=10, depth=3)
+  with pytest.raises(ValueError, match="Unknown activation 'gelu'"):
+    model = models.get_model("tiny_cnn", num_classes=2).clone(
+        activation="gelu")
+    jax.eval_shape(model.init, _KEY, jnp.zeros((1, 4, 4, 1)))
+
+
+def test_odd_channel_difference_raises():
+  model = models.get_model("tiny_resnet", num_classes=2,
+                           stage_features=(2, 5, 8))
+  with pytest.raises(ValueError, match="in=2, out=5"):
+    jax.eval_shape(model.init, _KEY, jnp.zeros((1, 8, 8, 3)))
