@@ -1,0 +1,10 @@
+r"""The paper's fashion_mnist presets: `--config=experiments/configs/fashion_mnist.py:METHOD[,smoke]`.
+
+METHOD is natural, madry, ig_norm or ig_sum_norm; the values are in paper.py.
+"""
+
+from experiments.configs import paper
+
+
+def get_config(arg: str = "ig_norm"):
+  return paper.get_config("fashion_mnist," + arg)

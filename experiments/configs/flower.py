@@ -1,0 +1,10 @@
+r"""The paper's flower presets: `--config=experiments/configs/flower.py:METHOD[,smoke]`.
+
+METHOD is natural, madry, ig_norm or ig_sum_norm; the values are in paper.py.
+"""
+
+from experiments.configs import paper
+
+
+def get_config(arg: str = "ig_norm"):
+  return paper.get_config("flower," + arg)

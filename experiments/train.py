@@ -1,0 +1,71 @@
+r"""Trains a model with one of the paper's objectives (absl binary).
+
+  python experiments/train.py --config=experiments/configs/quickstart.py \
+      --workdir=/tmp/rar_quickstart
+  python experiments/train.py --config=experiments/configs/mnist.py:ig_norm \
+      --workdir=/tmp/mnist_ig_norm --config.objective.lam=0.5
+
+Rerunning with the same --workdir resumes from its last checkpoint. Prints the
+final metrics as JSON on stdout (also in WORKDIR/final_metrics.json).
+"""
+
+import json
+import logging as pylogging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+# The configs import `experiments.configs.*`: make the repository importable
+# when this file is run as a script.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from rar_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file, e.g. "
+    "experiments/configs/quickstart.py (append :smoke for a quick check).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output folder: checkpoints, metrics.jsonl, TensorBoard "
+    "events; an existing one is resumed.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (one "
+    "process per host; the coordinator comes from the environment, e.g. "
+    "Cloud TPU, SLURM or JAX_COORDINATOR_ADDRESS).")
+
+
+class _OwnInfoOnly:
+  """Shows INFO lines of rar_jax and this binary; libraries' from WARNING up."""
+
+  def filter(self, record):
+    return (record.levelno >= pylogging.WARNING
+            or "rar_jax" in record.pathname or "experiments" in record.pathname)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # ABSLHandler.handle skips its own filters, and libraries may have added
+  # handlers of their own: filter them all.
+  handlers = [logging.get_absl_handler().python_handler]
+  handlers += pylogging.getLogger().handlers
+  for handler in handlers:
+    handler.addFilter(_OwnInfoOnly())
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  logging.info("JAX devices: %s (process %d of %d)", jax.devices(),
+               jax.process_index(), jax.process_count())
+  final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if jax.process_index() == 0:
+    print(json.dumps(final, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

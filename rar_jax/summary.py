@@ -1,0 +1,130 @@
+"""A TensorFlow-free TensorBoard scalar writer.
+
+`tensorboard --logdir WORKDIR` reads the event files it writes. TensorBoard
+event files are TFRecord files of `Event` protocol buffers; the few fields a
+scalar needs are encoded here by hand, so neither TensorFlow nor the protobuf
+definitions are needed.
+
+Example:
+  >>> import tempfile
+  >>> with SummaryWriter(tempfile.mkdtemp()) as writer:
+  ...   writer.scalar("train/loss", 0.25, step=10)
+"""
+
+import os
+import socket
+import struct
+import time
+
+_CRC32C_TABLE = []
+for _i in range(256):
+  _c = _i
+  for _ in range(8):
+    _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
+  _CRC32C_TABLE.append(_c)
+
+
+def crc32c(data: bytes) -> int:
+  """CRC-32C (Castagnoli), as TFRecord framing uses."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+  crc = crc32c(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(value: int) -> bytes:
+  out = bytearray()
+  value &= (1 << 64) - 1
+  while True:
+    bits = value & 0x7F
+    value >>= 7
+    if value:
+      out.append(bits | 0x80)
+    else:
+      out.append(bits)
+      return bytes(out)
+
+
+def _field(number: int, wire_type: int, payload: bytes) -> bytes:
+  return _varint((number << 3) | wire_type) + payload
+
+
+def _bytes_field(number: int, data: bytes) -> bytes:
+  return _field(number, 2, _varint(len(data)) + data)
+
+
+def encode_event(*, wall_time: float, step: int = 0, file_version=None,
+                 scalars=()) -> bytes:
+  """Serialises an `Event` with either a file version or scalar summaries."""
+  out = _field(1, 1, struct.pack("<d", wall_time))     # double wall_time = 1
+  out += _field(2, 0, _varint(int(step)))               # int64 step = 2
+  if file_version is not None:                          # string file_version = 3
+    out += _bytes_field(3, file_version.encode())
+  if scalars:
+    values = b"".join(
+        _bytes_field(1, _bytes_field(1, tag.encode())   # Value.tag = 1
+                     + _field(2, 5, struct.pack("<f", float(value))))
+        for tag, value in scalars)                      # Value.simple_value = 2
+    out += _bytes_field(5, values)                      # Summary summary = 5
+  return out
+
+
+def tfrecord(data: bytes) -> bytes:
+  """Frames one record: length, masked CRC of length, data, masked CRC."""
+  length = struct.pack("<Q", len(data))
+  return (length + struct.pack("<I", _masked_crc(length)) + data
+          + struct.pack("<I", _masked_crc(data)))
+
+
+def read_records(path):
+  """Yields the records of a TFRecord file, checking both CRCs."""
+  with open(path, "rb") as f:
+    while header := f.read(12):
+      length, length_crc = struct.unpack("<QI", header)
+      if _masked_crc(header[:8]) != length_crc:
+        raise ValueError(f"Corrupt record length in {path}.")
+      data = f.read(length)
+      (data_crc,) = struct.unpack("<I", f.read(4))
+      if _masked_crc(data) != data_crc:
+        raise ValueError(f"Corrupt record data in {path}.")
+      yield data
+
+
+class SummaryWriter:
+  """Appends scalar summaries to a new event file in `logdir`."""
+
+  def __init__(self, logdir: str):
+    os.makedirs(logdir, exist_ok=True)
+    name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
+            f"{os.getpid()}")
+    self.path = os.path.join(logdir, name)
+    self._file = open(self.path, "ab")
+    self._file.write(tfrecord(encode_event(wall_time=time.time(),
+                                           file_version="brain.Event:2")))
+    self._file.flush()
+
+  def scalars(self, values: dict, step: int):
+    """Writes several `{tag: value}` scalars for one step."""
+    self._file.write(tfrecord(encode_event(
+        wall_time=time.time(), step=step, scalars=sorted(values.items()))))
+
+  def scalar(self, tag: str, value: float, step: int):
+    self.scalars({tag: value}, step)
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    if not self._file.closed:
+      self._file.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

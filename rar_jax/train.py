@@ -1,0 +1,656 @@
+"""Training: `train_and_evaluate(config, workdir)`, data-parallel over devices.
+
+The per-device step (`train_step`) is written once, with the gradient
+collective over the axis name `"batch"`, and run under `jax.pmap` (default) or
+`jax.shard_map` over a one-axis device mesh (`config.parallel`). The host loop
+is the only stateful code: it feeds deterministic batches (a pure function of
+the seed and the step), logs, writes `metrics.jsonl` and TensorBoard events,
+and saves Orbax checkpoints in `workdir/checkpoints`; a rerun with the same
+workdir resumes from the last one and continues to the same result.
+
+  from experiments.configs import quickstart
+  metrics = train_and_evaluate(quickstart.get_config(), "/tmp/rar")
+
+Config fields (see `default_config` for defaults):
+  seed, batch_size (global), num_train_steps, log_every_steps,
+  eval_every_steps, checkpoint_every_steps, max_checkpoints_to_keep,
+  parallel ("pmap" | "shard_map"), num_devices (None: all local devices),
+  dataset.{name, data_dir, train_split, test_split, num_classes},
+  model.{name, activation},
+  objective.{name, epsilon, step_size, num_steps, m, approx_factor, lam,
+             gamma, clip_min, clip_max, reduction},
+  optimizer.{name ("adam" | "sgd"), learning_rate, lr_boundaries,
+             lr_values, momentum, weight_decay},
+  eval.{num_examples, batch_size, pgd_num_examples, pgd_epsilon,
+        pgd_step_size, pgd_num_steps}.
+"""
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import optax
+
+from rar_jax import data as data_lib
+from rar_jax import metrics as metrics_lib
+from rar_jax import models
+from rar_jax import objectives
+from rar_jax import summary
+from rar_jax.attacks import pgd
+
+AXIS = "batch"
+PARALLEL = ("pmap", "shard_map")
+OPTIMIZERS = ("adam", "sgd")
+# Config sections that must not change when a run resumes from a workdir.
+_FROZEN = ("seed", "batch_size", "dataset", "model", "objective", "optimizer")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field `train_and_evaluate` reads, with defaults (plain values)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 50
+  c.num_train_steps = 1000
+  c.log_every_steps = 50
+  c.eval_every_steps = 0            # 0: evaluate at the end only
+  c.checkpoint_every_steps = 500
+  c.max_checkpoints_to_keep = 3
+  c.parallel = "pmap"
+  c.num_devices = ml_collections.FieldReference(None, field_type=int)
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "embedded_mnist"
+  c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.dataset.train_split = "train"
+  c.dataset.test_split = "test"
+  c.dataset.num_classes = 10
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "small_cnn"
+  c.model.activation = ml_collections.FieldReference(None, field_type=str)
+
+  c.objective = ml_collections.ConfigDict()
+  c.objective.name = "natural"
+  c.objective.epsilon = 0.3
+  c.objective.step_size = 0.01
+  c.objective.num_steps = 40
+  c.objective.m = 50
+  c.objective.approx_factor = 5
+  c.objective.lam = 1.0
+  c.objective.gamma = 1.0
+  c.objective.clip_min = ml_collections.FieldReference(0.0, field_type=float)
+  c.objective.clip_max = ml_collections.FieldReference(1.0, field_type=float)
+  c.objective.reduction = "sum"
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adam"
+  c.optimizer.learning_rate = 1e-4
+  c.optimizer.lr_boundaries = ()   # piecewise constant: lr_values[i] until
+  c.optimizer.lr_values = ()       # lr_boundaries[i] (then the last value)
+  c.optimizer.momentum = 0.9
+  c.optimizer.weight_decay = 0.0   # wd * sum(1/2 ||W||^2) over kernels
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_examples = ml_collections.FieldReference(None, field_type=int)
+  c.eval.batch_size = 100
+  c.eval.pgd_num_examples = ml_collections.FieldReference(500, field_type=int)
+  c.eval.pgd_epsilon = ml_collections.FieldReference(None, field_type=float)
+  c.eval.pgd_step_size = ml_collections.FieldReference(None, field_type=float)
+  c.eval.pgd_num_steps = ml_collections.FieldReference(None, field_type=int)
+  return c
+
+
+# --- Pieces built from the config (names resolve here, once). ---------------
+
+
+def objective_hyper(config) -> dict[str, Any]:
+  """The objective's hyper-parameter keywords from `config.objective`."""
+  return {k: config.objective[k] for k in objectives.HYPER_KEYS}
+
+
+def learning_rate_schedule(opt_config):
+  """A constant or piecewise-constant learning rate (plain config values)."""
+  boundaries = list(opt_config.lr_boundaries)
+  values = list(opt_config.lr_values)
+  if not boundaries and not values:
+    return opt_config.learning_rate
+  if len(values) != len(boundaries) + 1:
+    raise ValueError(
+        f"optimizer.lr_values={values} must have one more entry than "
+        f"optimizer.lr_boundaries={boundaries} (a rate before, between and "
+        "after the boundaries).")
+  # TF's piecewise_constant gives values[i] while step <= boundaries[i];
+  # optax switches once the update count reaches a boundary: shift by one.
+  return optax.piecewise_constant_schedule(
+      values[0],
+      {b + 1: v / u for b, u, v in zip(boundaries, values, values[1:])})
+
+
+def create_optimizer(opt_config) -> optax.GradientTransformation:
+  """Adam (the paper's MNIST setting) or SGD with momentum (GTSRB, Flower)."""
+  lr = learning_rate_schedule(opt_config)
+  if opt_config.name == "adam":
+    return optax.adam(lr)
+  if opt_config.name == "sgd":
+    return optax.sgd(lr, momentum=opt_config.momentum or None)
+  raise ValueError(f"Unknown optimizer {opt_config.name!r}; accepted: "
+                   f"{', '.join(OPTIMIZERS)}.")
+
+
+def _is_kernel(path) -> bool:
+  return getattr(path[-1], "key", None) == "kernel"
+
+
+def validate_config(config) -> None:
+  """Fails before any data loading or compilation on a bad config."""
+  if config.parallel not in PARALLEL:
+    raise ValueError(f"Unknown parallel={config.parallel!r}; accepted: "
+                     f"{', '.join(PARALLEL)}.")
+  objectives.check_hyper(config.objective.name, objective_hyper(config))
+  models.get_model(config.model.name, num_classes=config.dataset.num_classes,
+                   activation=config.model.activation)
+  create_optimizer(config.optimizer)
+  for field in ("batch_size", "num_train_steps", "log_every_steps"):
+    value = config[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{field}={value!r} is not accepted; it must be an "
+                       "int >= 1.")
+  num_devices = _num_devices(config) * jax.process_count()
+  if config.batch_size % num_devices:
+    raise ValueError(
+        f"batch_size={config.batch_size} is not divisible by the number of "
+        f"devices {num_devices}; use a multiple of {num_devices} or set "
+        "config.num_devices.")
+  if config.eval.batch_size % num_devices:
+    raise ValueError(
+        f"eval.batch_size={config.eval.batch_size} is not divisible by the "
+        f"number of devices {num_devices}.")
+
+
+def _num_devices(config) -> int:
+  available = jax.local_device_count()
+  n = config.num_devices or available
+  if not 1 <= n <= available:
+    raise ValueError(f"num_devices={n} is not accepted; this host has "
+                     f"{available} local devices.")
+  return n
+
+
+# --- The per-device step: collectives over AXIS only. ------------------------
+
+
+def train_step(state, inputs, labels, keys, *, apply_fn, objective, hyper, tx,
+               weight_decay=0.0):
+  """One optimiser step on this device's shard of the global batch.
+
+  Args:
+    state: `{"params", "opt_state", "step"}`, replicated.
+    inputs: `[B_d, *S]` this device's inputs.
+    labels: `[B_d]` int labels.
+    keys: `[B_d, 2]` uint32 PRNG key data, one key per example (random
+      starts that do not depend on how the batch is split over devices).
+    apply_fn: `(params, x) -> logits`.
+    objective: a name in `objectives.OBJECTIVES`.
+    hyper: the objective's hyper-parameters (`objectives.HYPER_KEYS`).
+    tx: the optax optimiser.
+    weight_decay: adds `weight_decay * W` to the gradient of every kernel
+      (the gradient of `weight_decay * sum 1/2 ||W||^2`), once, after the
+      collective.
+
+  Returns:
+    `(new_state, sums)` with `sums` the batch sums of the logged terms over
+    all devices (and `count`), identical on every device.
+  """
+  keys = jax.random.wrap_key_data(keys)
+
+  def loss_fn(params):
+    return objectives.loss(objective, apply_fn, params, inputs, labels,
+                           key=keys, **hyper)
+
+  (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  # The gradient of a batch sum is the sum of the devices' gradients; that of
+  # a mean over equal shards, their mean. AXIS is the axis name given to the
+  # `jax.pmap` / `jax.shard_map` in `compile_train_step`.
+  if hyper["reduction"] == "sum":
+    grads = lax.psum(grads, AXIS)
+  else:
+    grads = lax.pmean(grads, AXIS)
+  if weight_decay:
+    grads = jax.tree_util.tree_map_with_path(
+        lambda path, g, w: g + weight_decay * w if _is_kernel(path) else g,
+        grads, state["params"])
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  adv_logits = apply_fn(state["params"], aux["adv_inputs"])
+  sums = {
+      "loss": jnp.sum(aux["loss"]),
+      "ce": jnp.sum(aux["ce"]),
+      "adv_ce": jnp.sum(aux["adv_ce"]),
+      "reg": jnp.sum(aux["reg"]),
+      "accuracy": jnp.sum(metrics_lib.accuracy(aux["logits"], labels)),
+      "adv_accuracy": jnp.sum(metrics_lib.accuracy(adv_logits, labels)),
+      "count": jnp.asarray(labels.shape[0], jnp.float32),
+  }
+  sums = lax.psum(sums, AXIS)
+  sums["grad_norm"] = optax.global_norm(grads)
+  new_state = {"params": params, "opt_state": opt_state,
+               "step": state["step"] + 1}
+  return new_state, sums
+
+
+def eval_step(params, inputs, labels, mask, keys, *, apply_fn, attack=None):
+  """Correct-prediction counts on this device's shard (psum over AXIS).
+
+  Args:
+    params: replicated parameters.
+    inputs: `[B_d, *S]`.
+    labels: `[B_d]`.
+    mask: `[B_d]` 1 for real examples, 0 for padding.
+    keys: `[B_d, 2]` uint32 PRNG key data for the PGD random start.
+    apply_fn: `(params, x) -> logits`.
+    attack: None, or keyword arguments of `pgd` (epsilon, step_size,
+      num_steps, clip_min, clip_max) for the adversarial accuracy.
+
+  Returns:
+    `{"correct", "count"}` (and `"adv_correct"` with an attack), summed over
+    the devices.
+  """
+  sums = {"correct": jnp.sum(mask * metrics_lib.accuracy(
+      apply_fn(params, inputs), labels)), "count": jnp.sum(mask)}
+  if attack is not None:
+    ce = lambda x: objectives.cross_entropy(apply_fn(params, x), labels)
+    adv = pgd(ce, inputs, key=jax.random.wrap_key_data(keys), **attack)
+    sums["adv_correct"] = jnp.sum(mask * metrics_lib.accuracy(
+        apply_fn(params, adv), labels))
+  return lax.psum(sums, AXIS)
+
+
+# --- Running a per-device function on all devices. ---------------------------
+
+
+class _Parallel:
+  """Places data for, and runs, per-device functions under pmap or shard_map.
+
+  `replicate` puts a host pytree on every device, `shard` splits a host
+  batch `[B, ...]` (this process's part) over the devices, `unreplicate`
+  brings a replicated pytree back to the host.
+  """
+
+  def __init__(self, kind: str, num_devices: int):
+    self.kind = kind
+    self.devices = jax.local_devices()[:num_devices]
+    self.mesh = Mesh(np.array(self.devices), (AXIS,))
+    self.n = num_devices
+
+  def compile(self, fn, *, num_replicated: int, donate_state=False):
+    """`fn(*replicated, *sharded)`; returns replicated outputs."""
+    if self.kind == "pmap":
+      return jax.pmap(fn, axis_name=AXIS, devices=self.devices,
+                      donate_argnums=(0,) if donate_state else ())
+
+    def wrapped(*args):
+      return jax.shard_map(
+          fn, mesh=self.mesh,
+          in_specs=(P(),) * num_replicated + (P(AXIS),) * (
+              len(args) - num_replicated),
+          out_specs=P())(*args)
+
+    return jax.jit(wrapped, donate_argnums=(0,) if donate_state else ())
+
+  def replicate(self, tree):
+    if self.kind == "pmap":
+      stacked = jax.tree.map(
+          lambda x: np.broadcast_to(np.asarray(x), (self.n,) + np.shape(x)),
+          tree)
+      return jax.device_put(stacked, NamedSharding(self.mesh, P(AXIS)))
+    return jax.device_put(tree, NamedSharding(self.mesh, P()))
+
+  def shard(self, tree):
+    if self.kind == "pmap":
+      return jax.tree.map(
+          lambda x: jax.device_put(
+              data_lib.shard_batch(x, num_devices=self.n, process_index=0,
+                                   process_count=1),
+              NamedSharding(self.mesh, P(AXIS))), tree)
+    sharding = NamedSharding(self.mesh, P(AXIS))
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
+
+  def unreplicate(self, tree):
+    if self.kind == "pmap":
+      return jax.tree.map(lambda x: np.asarray(x[0]), tree)
+    return jax.tree.map(np.asarray, tree)
+
+
+def _process_slice(x):
+  """This process's contiguous part of a global batch."""
+  count, index = jax.process_count(), jax.process_index()
+  per_host = len(x) // count
+  return x[index * per_host:(index + 1) * per_host]
+
+
+def _example_keys(seed: int, step: int, batch_size: int, salt: int = 0):
+  """`[B, 2]` uint32 key data, one key per example of a global batch.
+
+  The same on every host; plain arrays, so that they shard like the batch.
+  `jax.random.wrap_key_data` turns them back into keys on the device.
+  """
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), salt),
+                           step)
+  return np.asarray(jax.random.key_data(jax.random.split(key, batch_size)))
+
+
+# --- Checkpoints, metrics files. ---------------------------------------------
+
+
+def _checkpoint_manager(workdir, config):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=config.max_checkpoints_to_keep, create=True,
+          enable_async_checkpointing=False))
+
+
+def _save(manager, step, state):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  manager.save(step, args=ocp.args.StandardSave(state), force=True)
+  manager.wait_until_finished()
+
+
+def _restore(manager, target):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  step = manager.latest_step()
+  if step is None:
+    return None
+  return manager.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def latest_checkpoint(workdir: str, step=None):
+  """`(step, params)` of a run's latest (or given) checkpoint, on the host.
+
+  Args:
+    workdir: a training workdir (`workdir/checkpoints` is read).
+    step: a saved step, or None for the latest.
+
+  Returns:
+    `(step, params)`; params as saved (nested dicts of numpy arrays).
+
+  Raises:
+    FileNotFoundError: no checkpoint in the workdir (or not that step).
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"No checkpoints in {workdir}: {directory} does "
+                            "not exist. Train first, or check --workdir.")
+  with ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True)) as mgr:
+    steps = mgr.all_steps()
+    step = mgr.latest_step() if step is None else step
+    if step is None or step not in steps:
+      raise FileNotFoundError(
+          f"No checkpoint {'' if step is None else step} in {directory}; "
+          f"saved steps: {sorted(steps)}.")
+    state = mgr.restore(step, args=ocp.args.StandardRestore())
+  return int(step), state["params"]
+
+
+def _check_resumable(workdir, config):
+  """Writes config.json, or checks that a resumed run keeps its settings."""
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json())
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    changed = [k for k in _FROZEN if saved.get(k) != current.get(k)]
+    if changed:
+      raise ValueError(
+          f"workdir {workdir} holds a run with different settings for "
+          f"{changed} (see its config.json); use a new workdir, or the same "
+          "config (only the number of steps and logging may change).")
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(current, f, indent=2, sort_keys=True)
+
+
+def _truncate_metrics(path, last_step):
+  """Drops lines written after the checkpoint a run resumes from."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [l for l in f if l.strip() and json.loads(l)["step"] <= last_step]
+  with open(path, "w") as f:
+    f.writelines(lines)
+
+
+class NonFiniteError(FloatingPointError):
+  """Training produced a NaN or infinite loss term or gradient."""
+
+
+# --- The loop. ---------------------------------------------------------------
+
+
+def evaluate(config, apply_fn, params, images, labels, *, parallel=None,
+             with_pgd=True) -> dict[str, float]:
+  """Natural accuracy (and PGD adversarial accuracy) on a test set.
+
+  Args:
+    config: the training config (`eval.*`, `objective.*` for the attack).
+    apply_fn: `(params, x) -> logits`.
+    params: host parameters.
+    images: `[N, *S]` test images.
+    labels: `[N]`.
+    parallel: the device placement to use (None: from the config).
+    with_pgd: also compute the adversarial accuracy on the first
+      `eval.pgd_num_examples` examples.
+
+  Returns:
+    `{"natural_accuracy", "num_examples"}` plus `"adversarial_accuracy"` and
+    `"num_adversarial_examples"` with PGD.
+  """
+  parallel = parallel or _Parallel(config.parallel, _num_devices(config))
+  n = config.eval.num_examples or len(images)
+  images, labels = images[:n], labels[:n]
+  attack = dict(
+      epsilon=config.eval.pgd_epsilon if config.eval.pgd_epsilon is not None
+      else config.objective.epsilon,
+      step_size=config.eval.pgd_step_size or config.objective.step_size,
+      num_steps=config.eval.pgd_num_steps or config.objective.num_steps,
+      clip_min=config.objective.clip_min, clip_max=config.objective.clip_max)
+  results = {"num_examples": n}
+  p_params = parallel.replicate(params)
+  for use_pgd in ((False, True) if with_pgd else (False,)):
+    step_fn = parallel.compile(
+        functools.partial(eval_step, apply_fn=apply_fn,
+                          attack=attack if use_pgd else None),
+        num_replicated=1)
+    count = min(n, config.eval.pgd_num_examples or n) if use_pgd else n
+    total = {}
+    bs = config.eval.batch_size
+    for start in range(0, count, bs):
+      x, y, mask = data_lib.pad_batch(
+          images[start:start + bs][:count - start],
+          labels[start:start + bs][:count - start], batch_size=bs)
+      keys = _example_keys(config.seed, start, bs, salt=1)
+      local = [_process_slice(v) for v in (x, y, mask, keys)]
+      out = step_fn(p_params, *parallel.shard(local))
+      out = parallel.unreplicate(out)
+      total = {k: total.get(k, 0.0) + float(v) for k, v in out.items()}
+    if use_pgd:
+      results["adversarial_accuracy"] = total["adv_correct"] / total["count"]
+      results["num_adversarial_examples"] = int(total["count"])
+    else:
+      results["natural_accuracy"] = total["correct"] / total["count"]
+  return results
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains a model as `config` says, resuming from `workdir` if possible.
+
+  Args:
+    config: a `ConfigDict` with the fields of `default_config()`.
+    workdir: output folder: `checkpoints/`, `metrics.jsonl`, TensorBoard
+      events, `config.json`, `final_metrics.json`.
+
+  Returns:
+    The final evaluation metrics (natural and PGD accuracy on the test split,
+    the final training step).
+
+  Raises:
+    ValueError: a bad config (before any compilation).
+    NonFiniteError: a non-finite loss term or gradient (the last good
+      checkpoint stays in `workdir`).
+  """
+  # --- Check everything that can be checked before compiling. ---
+  validate_config(config)
+  num_devices = _num_devices(config)
+  parallel = _Parallel(config.parallel, num_devices)
+  train_x, train_y = data_lib.load_dataset(
+      config.dataset.name, config.dataset.train_split,
+      data_dir=config.dataset.data_dir)
+  test_x, test_y = data_lib.load_dataset(
+      config.dataset.name, config.dataset.test_split,
+      data_dir=config.dataset.data_dir)
+  for split, y in (("train", train_y), ("test", test_y)):
+    if len(y) and (y.min() < 0 or y.max() >= config.dataset.num_classes):
+      raise ValueError(
+          f"The {split} labels of {config.dataset.name!r} span "
+          f"[{y.min()}, {y.max()}], outside [0, {config.dataset.num_classes})"
+          "; set dataset.num_classes.")
+  if len(train_y) < config.batch_size:
+    raise ValueError(f"batch_size={config.batch_size} is larger than the "
+                     f"training set ({len(train_y)} examples).")
+  os.makedirs(workdir, exist_ok=True)
+  _check_resumable(workdir, config)
+  is_writer = jax.process_index() == 0
+
+  # --- Model, optimiser, state; resume if a checkpoint exists. ---
+  init_fn, apply_fn, _ = models.make_apply_fns(
+      config.model.name, num_classes=config.dataset.num_classes,
+      activation=config.model.activation)
+  tx = create_optimizer(config.optimizer)
+  params = init_fn(jax.random.key(config.seed), jnp.asarray(train_x[:1]))
+  state = jax.device_get({"params": params, "opt_state": tx.init(params),
+                          "step": np.int32(0)})
+  manager = _checkpoint_manager(workdir, config)
+  restored = _restore(manager, state)
+  if restored is not None:
+    state = restored
+    logging.info("Resumed from %s at step %d.", manager.directory,
+                 int(state["step"]))
+  start = int(state["step"])
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if is_writer:
+    _truncate_metrics(metrics_path, start)
+  writer = summary.SummaryWriter(workdir) if is_writer else None
+
+  hyper = objective_hyper(config)
+  p_train_step = parallel.compile(
+      functools.partial(train_step, apply_fn=apply_fn,
+                        objective=config.objective.name, hyper=hyper, tx=tx,
+                        weight_decay=config.optimizer.weight_decay),
+      num_replicated=1, donate_state=True)
+  p_state = parallel.replicate(state)
+
+  def write(record):
+    if not is_writer:
+      return
+    with open(metrics_path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    writer.scalars({k: v for k, v in record.items() if k != "step"},
+                   record["step"])
+    writer.flush()
+
+  # --- The loop. ---
+  total_steps = config.num_train_steps
+  batches = data_lib.batches(train_x, train_y, batch_size=config.batch_size,
+                             seed=config.seed, start_step=start)
+  window, t0, t_start = {}, time.time(), time.time()
+  last_saved = start
+  try:
+    for step in range(start, total_steps):
+      x, y = next(batches)
+      keys = _example_keys(config.seed, step, config.batch_size)
+      local = [_process_slice(v) for v in (x, y, keys)]
+      p_state, sums = p_train_step(p_state, *parallel.shard(local))
+      sums = parallel.unreplicate(sums)
+      bad = [k for k, v in sums.items() if not np.isfinite(v)]
+      if bad:
+        raise NonFiniteError(
+            f"Non-finite {', '.join(bad)} at step {step + 1} (objective "
+            f"{config.objective.name!r}); the last good checkpoint is step "
+            f"{last_saved} in {manager.directory}. Lower the learning rate or "
+            "check the data.")
+      for k, v in sums.items():
+        window[k] = window.get(k, 0.0) + float(v)
+      window["steps"] = window.get("steps", 0) + 1
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == total_steps:
+        elapsed = time.time() - t0
+        steps_per_sec = window["steps"] / max(elapsed, 1e-9)
+        count = window["count"]
+        record = {"step": done}
+        record.update({f"train/{k}": window[k] / count for k in (
+            "loss", "ce", "adv_ce", "reg", "accuracy", "adv_accuracy")})
+        record["train/grad_norm"] = window["grad_norm"] / window["steps"]
+        record["steps_per_sec"] = steps_per_sec
+        record["examples_per_sec"] = count / max(elapsed, 1e-9)
+        write(record)
+        eta = (total_steps - done) / max(steps_per_sec, 1e-9)
+        logging.info(
+            "step %d/%d  loss %.4f  ce %.4f  adv_ce %.4f  reg %.4f  acc %.3f "
+            " adv_acc %.3f  %.2f steps/s  %.1f examples/s  ETA %s", done,
+            total_steps, record["train/loss"], record["train/ce"],
+            record["train/adv_ce"], record["train/reg"],
+            record["train/accuracy"], record["train/adv_accuracy"],
+            steps_per_sec, record["examples_per_sec"],
+            time.strftime("%H:%M:%S", time.gmtime(eta)))
+        window, t0 = {}, time.time()
+      if (config.checkpoint_every_steps
+          and done % config.checkpoint_every_steps == 0):
+        _save(manager, done, parallel.unreplicate(p_state))
+        last_saved = done
+      if (config.eval_every_steps and done % config.eval_every_steps == 0
+          and done != total_steps):
+        ev = evaluate(config, apply_fn, parallel.unreplicate(p_state)["params"],
+                      test_x, test_y, parallel=parallel, with_pgd=False)
+        write({"step": done, "eval/natural_accuracy": ev["natural_accuracy"]})
+    state = parallel.unreplicate(p_state)
+    if last_saved != int(state["step"]):
+      _save(manager, int(state["step"]), state)
+
+    # --- Final evaluation. ---
+    final = evaluate(config, apply_fn, state["params"], test_x, test_y,
+                     parallel=parallel)
+    final["step"] = int(state["step"])
+    final["train_seconds"] = time.time() - t_start
+    write({"step": final["step"],
+           "eval/natural_accuracy": final["natural_accuracy"],
+           "eval/adversarial_accuracy": final["adversarial_accuracy"]})
+  finally:
+    manager.close()
+    if writer:
+      writer.close()
+  if is_writer:
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      json.dump(final, f, indent=2, sort_keys=True)
+  logging.info("Final: %s", final)
+  return final
+
+
+__all__ = [
+    "AXIS", "default_config", "objective_hyper", "create_optimizer",
+    "learning_rate_schedule", "validate_config", "train_step", "eval_step",
+    "evaluate", "train_and_evaluate", "latest_checkpoint", "NonFiniteError",
+]

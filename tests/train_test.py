@@ -1,0 +1,191 @@
+"""Tests of rar_jax.train and experiments/train.py on smoke configs."""
+
+import json
+import os
+import sys
+from unittest import mock
+
+from absl import flags
+from absl.testing import flagsaver
+import jax
+import numpy as np
+import pytest
+
+from rar_jax import summary
+from rar_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from experiments import train as train_bin  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.configs import paper  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.configs import quickstart  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _run_binary(workdir, *overrides, config="quickstart.py:smoke"):
+  argv = ["train.py",
+          f"--config={os.path.join(ROOT, 'experiments', 'configs', config)}",
+          f"--workdir={workdir}", *overrides]
+  # ml_collections reads the --config.* overrides from sys.argv itself.
+  with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)
+    train_bin.main(["train.py"])
+
+
+def test_binary_end_to_end_and_resume_to_the_same_parameters(tmp_path,
+                                                             capsys):
+  # Uninterrupted: 4 steps.
+  full = str(tmp_path / "full")
+  _run_binary(full)
+  printed = json.loads(capsys.readouterr().out)
+  assert printed["step"] == 4
+  assert 0.0 <= printed["natural_accuracy"] <= 1.0
+  assert "adversarial_accuracy" in printed
+  with open(os.path.join(full, "final_metrics.json")) as f:
+    assert json.load(f) == printed
+  # Interrupted after the checkpoint at step 2, then rerun to step 4.
+  resumed = str(tmp_path / "resumed")
+  _run_binary(resumed, "--config.num_train_steps=2")
+  _run_binary(resumed)
+  step_a, params_a = train.latest_checkpoint(full)
+  step_b, params_b = train.latest_checkpoint(resumed)
+  assert step_a == step_b == 4
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  # metrics.jsonl: the same training steps, none duplicated or missing.
+  train_steps = lambda d: [r["step"] for r in _read_jsonl(
+      os.path.join(d, "metrics.jsonl")) if "train/loss" in r]
+  assert train_steps(full) == train_steps(resumed) == [2, 4]
+  record = [r for r in _read_jsonl(os.path.join(full, "metrics.jsonl"))
+            if "train/loss" in r][-1]
+  for key in ("train/ce", "train/reg", "train/accuracy", "steps_per_sec",
+              "examples_per_sec", "train/grad_norm"):
+    assert np.isfinite(record[key])
+  # TensorBoard events: readable records with the logged scalars.
+  events = [f for f in os.listdir(full) if f.startswith("events.out")]
+  assert events
+  blobs = b"".join(summary.read_records(os.path.join(full, events[0])))
+  assert b"brain.Event:2" in blobs and b"train/loss" in blobs
+
+
+def test_resuming_a_finished_run_with_another_objective_is_refused(tmp_path):
+  workdir = str(tmp_path / "wd")
+  _run_binary(workdir, "--config.num_train_steps=1")
+  with pytest.raises(ValueError, match=r"different settings for \['objective'"):
+    _run_binary(workdir, "--config.objective.name=madry")
+
+
+def _params_after(parallel, num_devices, tmp_path):
+  config = paper.get_config("mnist,madry,smoke")
+  config.parallel = parallel
+  config.num_devices = num_devices
+  config.num_train_steps = 3
+  config.checkpoint_every_steps = 0
+  workdir = str(tmp_path / f"{parallel}{num_devices}")
+  metrics = train.train_and_evaluate(config, workdir)
+  return metrics, train.latest_checkpoint(workdir)[1]
+
+
+def test_pmap_shard_map_and_one_device_give_the_same_parameters(tmp_path):
+  assert jax.local_device_count() == 4
+  one_metrics, one = _params_after("pmap", 1, tmp_path)
+  pmap_metrics, four = _params_after("pmap", 4, tmp_path)
+  shard_metrics, sharded = _params_after("shard_map", 4, tmp_path)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+  jax.tree.map(close, one, four)
+  jax.tree.map(close, one, sharded)
+  # The random PGD starts are per example, so the attack is the same too.
+  assert (one_metrics["adversarial_accuracy"]
+          == pmap_metrics["adversarial_accuracy"]
+          == shard_metrics["adversarial_accuracy"])
+
+
+def test_all_sixteen_paper_presets_are_valid():
+  for dataset in paper.DATASETS:
+    for method in paper.METHODS:
+      config = paper.get_config(f"{dataset},{method}")
+      config.num_devices = 2   # the paper's batch of 50 does not split in 4
+      train.validate_config(config)
+      assert config.objective.name == method
+  mnist = paper.get_config("mnist,ig_norm")
+  assert (mnist.objective.epsilon, mnist.objective.num_steps,
+          mnist.objective.step_size, mnist.objective.m,
+          mnist.objective.approx_factor, mnist.objective.lam) == (
+              0.3, 40, 0.01, 50, 5, 1.0)
+  assert paper.get_config("mnist,ig_sum_norm").objective.lam == 0.1
+  assert paper.get_config("mnist,natural").num_train_steps == 25000
+  flower = paper.get_config("flower,ig_sum_norm")
+  assert tuple(flower.optimizer.lr_values) == (1e-4, 1e-3, 1e-4)
+  assert flower.batch_size == 16 and flower.objective.lam == 0.1
+  gtsrb = paper.get_config("gtsrb,madry")
+  assert gtsrb.objective.reduction == "mean"
+  assert gtsrb.optimizer.weight_decay == 2e-4
+  assert paper.get_config("fashion_mnist,madry").objective.epsilon == 0.1
+  with pytest.raises(ValueError, match="Unknown paper preset 'mnist,trade'"):
+    paper.get_config("mnist,trade")
+
+
+def test_gtsrb_smoke_trains_on_prepared_npz_data(tmp_path):
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 16), ("test", 8)):
+    np.savez(tmp_path / f"{split}.npz",
+             images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+             labels=rng.integers(0, 43, n).astype(np.int64))
+  config = paper.get_config("gtsrb,ig_sum_norm,smoke")
+  config.dataset.name = f"npz:{tmp_path}"
+  metrics = train.train_and_evaluate(config, str(tmp_path / "wd"))
+  assert metrics["step"] == 2
+  assert np.isfinite(metrics["natural_accuracy"])
+
+
+def test_learning_rate_schedule_is_piecewise_constant():
+  config = paper.get_config("gtsrb,natural")
+  schedule = train.learning_rate_schedule(config.optimizer)
+  np.testing.assert_allclose(
+      [schedule(s) for s in (0, 500, 501, 60000, 60001)],
+      [1e-3, 1e-3, 1e-2, 1e-2, 1e-3], rtol=1e-6)
+  assert train.learning_rate_schedule(quickstart.get_config().optimizer) == 1e-3
+
+
+def test_non_finite_loss_stops_with_the_step_and_term(tmp_path):
+  images = np.full((16, 28, 28, 1), np.nan, np.float32)
+  labels = np.zeros(16, np.int64)
+  np.savez(tmp_path / "train.npz", images=images, labels=labels)
+  np.savez(tmp_path / "test.npz", images=images, labels=labels)
+  config = quickstart.get_config("smoke")
+  config.dataset.name = f"npz:{tmp_path}"
+  with pytest.raises(train.NonFiniteError,
+                     match=r"Non-finite .*loss.* at step 1 .*'ig_norm'"):
+    train.train_and_evaluate(config, str(tmp_path / "wd"))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(batch_size=6), r"batch_size=6 is not divisible by the number of "
+     r"devices 4"),
+    (dict(parallel="pjit"), r"parallel='pjit'; accepted: pmap, shard_map"),
+    (dict(dataset_name="mnistt"), r"Unknown dataset name 'mnistt'"),
+    (dict(model_name="resnet"), r"'resnet'"),
+    (dict(objective_name="ig"), r"Unknown objective 'ig'"),
+    (dict(dataset_name="npz:/does/not/exist"), r"/does/not/exist"),
+    (dict(num_devices=9), r"num_devices=9 .* 4 local devices"),
+    (dict(epsilon=-1.0), r"epsilon=-1.0"),
+    (dict(num_train_steps=0), r"num_train_steps=0"),
+])
+def test_bad_configs_fail_before_compiling(tmp_path, change, match):
+  config = quickstart.get_config("smoke")
+  for key, value in change.items():
+    section, _, field = key.partition("_")
+    if key in ("dataset_name", "model_name", "objective_name"):
+      config[section][field] = value
+    elif key == "epsilon":
+      config.objective.epsilon = value
+    else:
+      config[key] = value
+  with pytest.raises((ValueError, FileNotFoundError), match=match):
+    train.train_and_evaluate(config, str(tmp_path / "wd"))
+  assert not os.path.exists(tmp_path / "wd" / "checkpoints")
