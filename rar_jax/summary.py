@@ -100,10 +100,12 @@ class SummaryWriter:
 
   def __init__(self, logdir: str):
     os.makedirs(logdir, exist_ok=True)
-    name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
-            f"{os.getpid()}")
+    # A new file per writer (TensorBoard reads them all, in name order).
+    now = time.time_ns()
+    name = (f"events.out.tfevents.{now // 10**9}.{socket.gethostname()}."
+            f"{os.getpid()}.{now % 10**9}")
     self.path = os.path.join(logdir, name)
-    self._file = open(self.path, "ab")
+    self._file = open(self.path, "xb")
     self._file.write(tfrecord(encode_event(wall_time=time.time(),
                                            file_version="brain.Event:2")))
     self._file.flush()

@@ -51,6 +51,7 @@ from rar_jax.attacks import pgd
 AXIS = "batch"
 PARALLEL = ("pmap", "shard_map")
 OPTIMIZERS = ("adam", "sgd")
+_FINAL_KEY = "eval/adversarial_accuracy"   # only the final evaluation logs it
 # Config sections that must not change when a run resumes from a workdir.
 _FROZEN = ("seed", "batch_size", "dataset", "model", "objective", "optimizer")
 
@@ -281,22 +282,31 @@ def eval_step(params, inputs, labels, mask, keys, *, apply_fn, attack=None):
 class _Parallel:
   """Places data for, and runs, per-device functions under pmap or shard_map.
 
-  `replicate` puts a host pytree on every device, `shard` splits a host
-  batch `[B, ...]` (this process's part) over the devices, `unreplicate`
-  brings a replicated pytree back to the host.
+  `replicate` puts a host pytree (identical on every process) on every
+  device, `shard` splits this process's part of a batch over its devices,
+  `unreplicate` brings a replicated pytree back to the host. On several
+  processes the collectives span every device of every process.
   """
 
   def __init__(self, kind: str, num_devices: int):
     self.kind = kind
-    self.devices = jax.local_devices()[:num_devices]
-    self.mesh = Mesh(np.array(self.devices), (AXIS,))
-    self.n = num_devices
+    self.multi_process = jax.process_count() > 1
+    if self.multi_process:
+      self.local = jax.local_devices()
+      devices = jax.devices()
+    else:
+      self.local = devices = jax.local_devices()[:num_devices]
+    self.mesh = Mesh(np.array(devices), (AXIS,))
+    self.local_mesh = Mesh(np.array(self.local), (AXIS,))
+    self.n = len(self.local)
+    self.eval_steps = {}
 
   def compile(self, fn, *, num_replicated: int, donate_state=False):
     """`fn(*replicated, *sharded)`; returns replicated outputs."""
+    donate = (0,) if donate_state else ()
     if self.kind == "pmap":
-      return jax.pmap(fn, axis_name=AXIS, devices=self.devices,
-                      donate_argnums=(0,) if donate_state else ())
+      return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate,
+                      devices=None if self.multi_process else self.local)
 
     def wrapped(*args):
       return jax.shard_map(
@@ -305,31 +315,38 @@ class _Parallel:
               len(args) - num_replicated),
           out_specs=P())(*args)
 
-    return jax.jit(wrapped, donate_argnums=(0,) if donate_state else ())
+    return jax.jit(wrapped, donate_argnums=donate)
+
+  def _put(self, tree, spec, mesh):
+    sharding = NamedSharding(mesh, spec)
+    if self.multi_process:
+      return jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(
+              sharding, np.asarray(x)), tree)
+    return jax.device_put(tree, sharding)
 
   def replicate(self, tree):
     if self.kind == "pmap":
       stacked = jax.tree.map(
           lambda x: np.broadcast_to(np.asarray(x), (self.n,) + np.shape(x)),
           tree)
-      return jax.device_put(stacked, NamedSharding(self.mesh, P(AXIS)))
-    return jax.device_put(tree, NamedSharding(self.mesh, P()))
+      return self._put(stacked, P(AXIS), self.local_mesh)
+    return self._put(tree, P(), self.mesh)
 
   def shard(self, tree):
     if self.kind == "pmap":
-      return jax.tree.map(
-          lambda x: jax.device_put(
-              data_lib.shard_batch(x, num_devices=self.n, process_index=0,
-                                   process_count=1),
-              NamedSharding(self.mesh, P(AXIS))), tree)
-    sharding = NamedSharding(self.mesh, P(AXIS))
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
+      per_device = jax.tree.map(
+          lambda x: data_lib.shard_batch(x, num_devices=self.n,
+                                         process_index=0, process_count=1),
+          tree)
+      return self._put(per_device, P(AXIS), self.local_mesh)
+    return self._put(tree, P(AXIS), self.mesh)
 
   def unreplicate(self, tree):
-    if self.kind == "pmap":
-      return jax.tree.map(lambda x: np.asarray(x[0]), tree)
-    return jax.tree.map(np.asarray, tree)
+    def first(x):
+      value = np.asarray(x.addressable_shards[0].data)
+      return value[0] if self.kind == "pmap" else value
+    return jax.tree.map(first, tree)
 
 
 def _process_slice(x):
@@ -425,11 +442,20 @@ def _check_resumable(workdir, config):
 
 
 def _truncate_metrics(path, last_step):
-  """Drops lines written after the checkpoint a run resumes from."""
+  """Drops lines written after the checkpoint a run resumes from.
+
+  The final evaluation is rerun (and rewritten) by every run, so a line of it
+  at the resume step is dropped too: no step is ever logged twice.
+  """
   if not os.path.exists(path):
     return
+
+  def keep(record):
+    return record["step"] < last_step or (
+        record["step"] == last_step and _FINAL_KEY not in record)
+
   with open(path) as f:
-    lines = [l for l in f if l.strip() and json.loads(l)["step"] <= last_step]
+    lines = [l for l in f if l.strip() and keep(json.loads(l))]
   with open(path, "w") as f:
     f.writelines(lines)
 
@@ -471,10 +497,15 @@ def evaluate(config, apply_fn, params, images, labels, *, parallel=None,
   results = {"num_examples": n}
   p_params = parallel.replicate(params)
   for use_pgd in ((False, True) if with_pgd else (False,)):
-    step_fn = parallel.compile(
-        functools.partial(eval_step, apply_fn=apply_fn,
-                          attack=attack if use_pgd else None),
-        num_replicated=1)
+    # One compiled step per (model, attack) and placement, reused by every
+    # periodic evaluation.
+    cache_key = (apply_fn, tuple(sorted(attack.items())) if use_pgd else None)
+    if cache_key not in parallel.eval_steps:
+      parallel.eval_steps[cache_key] = parallel.compile(
+          functools.partial(eval_step, apply_fn=apply_fn,
+                            attack=attack if use_pgd else None),
+          num_replicated=1)
+    step_fn = parallel.eval_steps[cache_key]
     count = min(n, config.eval.pgd_num_examples or n) if use_pgd else n
     total = {}
     bs = config.eval.batch_size
@@ -637,7 +668,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     final["train_seconds"] = time.time() - t_start
     write({"step": final["step"],
            "eval/natural_accuracy": final["natural_accuracy"],
-           "eval/adversarial_accuracy": final["adversarial_accuracy"]})
+           _FINAL_KEY: final["adversarial_accuracy"]})
   finally:
     manager.close()
     if writer:

@@ -3,6 +3,7 @@
 import math
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -227,6 +228,19 @@ def test_max_pool_gradient_goes_to_first_maximum():
                                        [0, 0, 0, 0]])
   # SAME padding on odd sizes: 5x5 -> 3x3.
   assert models.max_pool_2x2(jnp.zeros((1, 5, 5, 2))).shape == (1, 3, 3, 2)
+
+
+@pytest.mark.parametrize("shape", [(4, 28, 28, 1), (2, 27, 27, 3),
+                                   (1, 7, 9, 2)])
+def test_max_pool_equals_reduce_window_values_and_gradients(shape):
+  # Quantised values make ties common, as on MNIST.
+  x = jnp.round(4 * jax.random.uniform(jax.random.key(0), shape)) / 4
+  ref = lambda z: flax.linen.max_pool(z, (2, 2), strides=(2, 2),
+                                      padding="SAME")
+  np.testing.assert_array_equal(models.max_pool_2x2(x), ref(x))
+  w = jax.random.normal(jax.random.key(1), ref(x).shape)
+  grad = lambda pool: jax.grad(lambda z: jnp.sum(w * pool(z)))(x)
+  np.testing.assert_array_equal(grad(models.max_pool_2x2), grad(ref))
 
 
 @pytest.mark.parametrize("name", ["tiny_cnn", "tiny_resnet"])

@@ -2,6 +2,8 @@
 
 import json
 import os
+import socket
+import subprocess
 import sys
 from unittest import mock
 
@@ -20,6 +22,7 @@ sys.path.insert(0, ROOT)
 from experiments import train as train_bin  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments.configs import paper  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments.configs import quickstart  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests import multihost_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _read_jsonl(path):
@@ -66,10 +69,16 @@ def test_binary_end_to_end_and_resume_to_the_same_parameters(tmp_path,
   for key in ("train/ce", "train/reg", "train/accuracy", "steps_per_sec",
               "examples_per_sec", "train/grad_norm"):
     assert np.isfinite(record[key])
+  # Rerunning a finished run re-evaluates without logging any step twice.
+  _run_binary(full)
+  records = _read_jsonl(os.path.join(full, "metrics.jsonl"))
+  keys = [(r["step"], tuple(sorted(r))) for r in records]
+  assert len(keys) == len(set(keys)) == 3, records
   # TensorBoard events: readable records with the logged scalars.
   events = [f for f in os.listdir(full) if f.startswith("events.out")]
-  assert events
-  blobs = b"".join(summary.read_records(os.path.join(full, events[0])))
+  assert len(events) == 2   # one per run
+  blobs = b"".join(b"".join(summary.read_records(os.path.join(full, e)))
+                   for e in events)
   assert b"brain.Event:2" in blobs and b"train/loss" in blobs
 
 
@@ -103,6 +112,35 @@ def test_pmap_shard_map_and_one_device_give_the_same_parameters(tmp_path):
   assert (one_metrics["adversarial_accuracy"]
           == pmap_metrics["adversarial_accuracy"]
           == shard_metrics["adversarial_accuracy"])
+
+
+def test_two_processes_train_like_one_process_with_as_many_devices(tmp_path):
+  """jax.distributed on localhost: 2 processes x 2 devices == 1 x 4."""
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    port = sock.getsockname()[1]
+  worker = os.path.join(ROOT, "tests", "multihost_worker.py")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  procs = [subprocess.Popen([sys.executable, worker, str(i), str(port),
+                             str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+           for i in (0, 1)]
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  for parallel in ("pmap", "shard_map"):
+    config = multihost_worker.smoke_config(parallel)
+    config.num_devices = 4
+    single = train.train_and_evaluate(config, str(tmp_path / f"one_{parallel}"))
+    _, params = train.latest_checkpoint(str(tmp_path / f"one_{parallel}"))
+    multi = np.load(tmp_path / f"{parallel}.npz")
+    leaves = jax.tree.leaves(params)
+    for i, leaf in enumerate(leaves):
+      np.testing.assert_allclose(multi[f"arr_{i}"], leaf, rtol=1e-5,
+                                 atol=1e-6)
+    assert float(multi["adversarial_accuracy"]) == (
+        single["adversarial_accuracy"])
+    assert float(multi["natural_accuracy"]) == single["natural_accuracy"]
 
 
 def test_all_sixteen_paper_presets_are_valid():
@@ -149,7 +187,7 @@ def test_learning_rate_schedule_is_piecewise_constant():
   np.testing.assert_allclose(
       [schedule(s) for s in (0, 500, 501, 60000, 60001)],
       [1e-3, 1e-3, 1e-2, 1e-2, 1e-3], rtol=1e-6)
-  assert train.learning_rate_schedule(quickstart.get_config().optimizer) == 1e-3
+  assert train.learning_rate_schedule(quickstart.get_config().optimizer) == 2e-3
 
 
 def test_non_finite_loss_stops_with_the_step_and_term(tmp_path):

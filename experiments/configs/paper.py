@@ -10,8 +10,9 @@ gtsrb, flower and METHOD in natural, madry, ig_norm, ig_sum_norm (`mnist.py`,
 original code's (configs and training scripts of the paper's repository).
 
 Data: MNIST and Fashion-MNIST come from tensorflow-datasets (prepared once,
-see BUILD.md); the paper trains on TF's 55,000-image split, i.e. tfds
-`train[5000:]`. GTSRB and Flower-17 come from `python -m rar_jax.data.prepare`
+see BUILD.md). The paper trains on the 55,000 images left after TF's reader
+holds out the first 5,000; tfds stores the examples in another order, so
+`train[5000:]` is a split of the same size, not the same images. GTSRB and Flower-17 come from `python -m rar_jax.data.prepare`
 (their `dataset.name` is `npz:data/gtsrb` / `npz:data/flower17`; override with
 `--config.dataset.name=npz:PATH`). The paper's class-balancing augmentation of
 GTSRB/Flower is not reproduced (its GTSRB version was unseeded anyway).

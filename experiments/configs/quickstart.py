@@ -1,9 +1,16 @@
 r"""Quick CPU preset: IG-NORM on the embedded MNIST sample (README command 1).
 
-A small CNN trained with the paper's IG-NORM objective (lambda = 1, l-inf
-epsilon = 0.3) on the 2,500-image MNIST sample shipped with the package, with
-fewer PGD and IG points than the paper so that it runs in a few minutes on a
-2-core CPU; then natural and PGD accuracy on the sample's 500 test images.
+A small CNN trained with the paper's IG-NORM objective (lambda = 1) on the
+2,500-image MNIST sample shipped with the package, then natural accuracy and
+PGD accuracy (20 steps) on the sample's 500 test images. To run in a few
+minutes on a 2-core CPU it uses fewer PGD steps (5) and IG points (6 outer, 2
+inner) than the paper, 300 steps, and l-inf epsilon = 0.1 (the paper's
+Fashion-MNIST radius): at the paper's MNIST epsilon = 0.3 the regulariser
+needs far more steps before the model learns (57% test accuracy after these
+300 steps, against 95% at 0.1).
+
+Expected on 2 CPU cores: about 4 minutes; natural accuracy ~0.95, PGD
+accuracy ~0.79 (measured: 0.950 / 0.792).
 
   python experiments/train.py --config=experiments/configs/quickstart.py \
       --workdir=/tmp/rar_quickstart
@@ -21,22 +28,22 @@ def get_config(arg: str = ""):
   c.dataset.num_classes = 10
   c.model.name = "small_cnn"
   c.objective.name = "ig_norm"
-  c.objective.epsilon = 0.3
-  c.objective.step_size = 0.1
+  c.objective.epsilon = 0.1
+  c.objective.step_size = 0.04
   c.objective.num_steps = 5
   c.objective.m = 6
   c.objective.approx_factor = 3
   c.objective.lam = 1.0
   c.objective.reduction = "sum"
   c.optimizer.name = "adam"
-  c.optimizer.learning_rate = 1e-3
+  c.optimizer.learning_rate = 2e-3
   c.batch_size = 48
   c.num_train_steps = 300
   c.log_every_steps = 50
   c.checkpoint_every_steps = 100
   c.eval.pgd_num_examples = 500
   c.eval.pgd_num_steps = 20
-  c.eval.pgd_step_size = 0.03
+  c.eval.pgd_step_size = 0.01
   if arg == "smoke":
     c.model.name = "tiny_cnn"
     c.batch_size = 8

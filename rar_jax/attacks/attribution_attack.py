@@ -18,9 +18,18 @@ possible while the predicted label stays the same, as the paper evaluates
    rejected; of the others the one with the lowest Kendall tau between `S(x)`
    and `S(x')` is kept (starting from tau = 1: no admissible improvement keeps
    `x` itself and reports (1, 1, 1));
-4. with `num_restarts > 1` the attack runs again from random points of the
-   ball (restart 0 starts at `x`, as the paper does) and the worst case
-   (lowest tau) is kept.
+4. with `num_restarts > 1` the attack also runs from random points of the
+   ball and the worst case (lowest tau) is kept. `num_restarts=1` is the
+   paper's protocol: its three repeats all start at `x` and, the attack being
+   deterministic, give the same result; random restarts (restart 0 still
+   starts at `x`) make a stronger attack than the paper's, so IN and CO can
+   only go down.
+
+The top-k mask breaks ties towards the lower pixel index (`lax.top_k`). With
+the black baseline every zero pixel of an MNIST digit has zero saliency, so
+when fewer than `k_top` pixels are salient the mask is filled with the first
+background pixels in raster order; the original's `numpy.argsort` filled it
+with arbitrary background pixels. Either way those pixels carry no mass.
 
 Attacks (`attack=`): `topk` minimises `T = sum of S(x')` over the original
 top-`k_top` pixels; `mass_center` maximises the shift of the saliency's centre
@@ -144,7 +153,8 @@ def attribution_attack(
       gradient).
     num_ig_steps: IG points for every saliency (the paper: 100).
     num_restarts: runs per example; the worst case is kept. Restart 0 starts
-      at the image, the others at random points of the ball (needs `key`).
+      at the image (1: the paper's protocol), the others at random points of
+      the ball (needs `key`; a stronger attack than the paper's).
     key: PRNG key (random restarts, `random` and `mass_center` attacks).
     target_mask: `[H, W]` or `[N, H, W]` region for `attack="target"`.
     clip_min: lower end of the pixel box (None: open).

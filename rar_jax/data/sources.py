@@ -63,8 +63,9 @@ def load_dataset(name: str, split: str, *, data_dir: str | None = None,
   Args:
     name: see the module docstring (`DATASET_NAMES`).
     split: "train" or "test" for the embedded, IDX and prepared `.npz`
-      sources; any tfds split string (e.g. "train[5000:]", the 55,000 images
-      the paper trains on) for tfds datasets.
+      sources; any tfds split string (e.g. "train[5000:]": 55,000 images, as
+      many as the paper trains on, though not the same ones) for tfds
+      datasets.
     data_dir: tfds data folder (None: tfds' default, `$TFDS_DATA_DIR` or
       `~/tensorflow_datasets`); ignored by the other sources.
     pixel_max: scale integer pixels to [0, pixel_max] (None: the source's

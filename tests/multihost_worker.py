@@ -1,0 +1,52 @@
+"""One process of the two-process training test (run by train_test.py).
+
+  python tests/multihost_worker.py PROCESS_ID PORT WORKDIR
+
+Joins a 2-process JAX cluster on localhost (2 CPU devices each, gloo
+collectives), trains the MNIST Madry smoke preset for 3 steps under pmap and
+under shard_map, and writes each run's final parameters and metrics to
+WORKDIR/<parallel>.npz (process 0).
+"""
+
+import os
+import sys
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from experiments.configs import paper  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rar_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def smoke_config(parallel):
+  config = paper.get_config("mnist,madry,smoke")
+  config.parallel = parallel
+  config.num_train_steps = 3
+  config.checkpoint_every_steps = 0
+  return config
+
+
+def main(process_id, port, workdir):
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"localhost:{port}", num_processes=2,
+                             process_id=process_id)
+  assert jax.device_count() == 4 and jax.local_device_count() == 2
+  for parallel in ("pmap", "shard_map"):
+    run_dir = os.path.join(workdir, parallel)
+    final = train.train_and_evaluate(smoke_config(parallel), run_dir)
+    _, params = train.latest_checkpoint(run_dir)
+    if process_id == 0:
+      np.savez(os.path.join(workdir, f"{parallel}.npz"),
+               adversarial_accuracy=final["adversarial_accuracy"],
+               natural_accuracy=final["natural_accuracy"],
+               *jax.tree.leaves(params))
+
+
+if __name__ == "__main__":
+  # Read when the backend starts (on first use), so setting them here works.
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
