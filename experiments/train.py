@@ -32,8 +32,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "experiments/configs/quickstart.py (append :smoke for a quick check).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Output folder: checkpoints, metrics.jsonl, TensorBoard "
-    "events; an existing one is resumed.")
+    "workdir", None, "The run's folder: checkpoints, metrics.jsonl, "
+    "TensorBoard events (train.py resumes an existing one; evaluate.py reads "
+    "its checkpoints and writes its results there).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (one "
     "process per host; the coordinator comes from the environment, e.g. "
@@ -48,15 +49,20 @@ class _OwnInfoOnly:
             or "rar_jax" in record.pathname or "experiments" in record.pathname)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def quiet_library_logs():
+  """Keeps INFO lines of rar_jax and the binaries; libraries' from WARNING."""
   # ABSLHandler.handle skips its own filters, and libraries may have added
   # handlers of their own: filter them all.
   handlers = [logging.get_absl_handler().python_handler]
   handlers += pylogging.getLogger().handlers
   for handler in handlers:
     handler.addFilter(_OwnInfoOnly())
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  quiet_library_logs()
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(),

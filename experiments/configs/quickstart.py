@@ -15,6 +15,14 @@ accuracy ~0.79 (measured: 0.950 / 0.792).
   python experiments/train.py --config=experiments/configs/quickstart.py \
       --workdir=/tmp/rar_quickstart
 
+Then the paper's evaluation (NA, AA, and the top-k attribution attack, 20
+steps with 50 IG points, on the first 100 test images), about 3 minutes on 2
+CPU cores; measured: NA 95.00%, AA 79.20%, IN 89.35%, CO (Kendall's tau)
+0.5072, with the table, per-example results and figures in the workdir:
+
+  python experiments/evaluate.py --config=experiments/configs/quickstart.py \
+      --workdir=/tmp/rar_quickstart
+
 `:smoke` runs a handful of steps on a tiny model (seconds, for tests).
 """
 
@@ -44,6 +52,10 @@ def get_config(arg: str = ""):
   c.eval.pgd_num_examples = 500
   c.eval.pgd_num_steps = 20
   c.eval.pgd_step_size = 0.01
+  # Attribution attack of experiments/evaluate.py: the paper's MNIST k's at
+  # fewer steps and IG points, on the first 100 test images.
+  c.attack.update(k_top=200, eval_k=100, num_steps=20, step_size=0.01,
+                  num_ig_steps=50, num_examples=100, batch_size=20)
   if arg == "smoke":
     c.model.name = "tiny_cnn"
     c.batch_size = 8
@@ -57,6 +69,8 @@ def get_config(arg: str = ""):
     c.eval.batch_size = 8
     c.eval.pgd_num_examples = 8
     c.eval.pgd_num_steps = 2
+    c.attack.update(k_top=20, eval_k=10, num_steps=2, num_ig_steps=4,
+                    num_examples=16, batch_size=8)
   elif arg:
     raise ValueError(f"Unknown quickstart variant {arg!r}; accepted: '' or "
                      "'smoke'.")

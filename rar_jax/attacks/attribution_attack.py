@@ -290,7 +290,9 @@ def attribution_attack(
     return (x_adv, pick(x_adv, best_x), pick(s, best_s),
             jnp.where(better, tau, best_tau))
 
-  init = (x0, xs, s_ref, jnp.ones((n * r,), s_ref.dtype))
+  # tau starts at 1 (derived from s_ref so that, under shard_map, the carry
+  # has the same device variance as the values that replace it).
+  init = (x0, xs, s_ref, jnp.ones_like(s_ref[:, 0, 0]))
   _, best_x, best_s, best_tau = jax.lax.fori_loop(0, num_steps, step, init)
 
   # --- Worst case over restarts: the lowest tau of each example.
