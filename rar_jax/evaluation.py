@@ -255,12 +255,7 @@ def validate_eval_config(config) -> None:
   _check_int("attack.num_examples", a.num_examples, 1, allow_none=True)
   _check_int("attack.num_figure_examples", a.num_figure_examples, 0)
   _check_int("eval.pgd_num_restarts", config.eval.pgd_num_restarts, 1)
-  num_devices = _num_devices(config) * jax.process_count()
-  if a.batch_size % num_devices:
-    raise ValueError(
-        f"attack.batch_size={a.batch_size} is not divisible by the number of "
-        f"devices {num_devices}; use a multiple of {num_devices} or set "
-        "config.num_devices.")
+  train.check_divisible("attack.batch_size", a.batch_size, config)
 
 
 def _overridden(config, *, num_examples=None, saliency=None, seed=None):

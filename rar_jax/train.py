@@ -30,7 +30,6 @@ Config fields (see `default_config` for defaults):
 
 import functools
 import json
-import math
 import os
 import time
 from typing import Any
@@ -189,16 +188,18 @@ def validate_config(config) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"{field}={value!r} is not accepted; it must be an "
                        "int >= 1.")
+  check_divisible("batch_size", config.batch_size, config)
+  check_divisible("eval.batch_size", config.eval.batch_size, config)
+
+
+def check_divisible(field: str, batch_size: int, config) -> None:
+  """A batch must split evenly over all devices of all processes."""
   num_devices = _num_devices(config) * jax.process_count()
-  if config.batch_size % num_devices:
+  if batch_size % num_devices:
     raise ValueError(
-        f"batch_size={config.batch_size} is not divisible by the number of "
-        f"devices {num_devices}; use a multiple of {num_devices} or set "
+        f"{field}={batch_size} is not divisible by the number of devices "
+        f"{num_devices}; use a multiple of {num_devices} or set "
         "config.num_devices.")
-  if config.eval.batch_size % num_devices:
-    raise ValueError(
-        f"eval.batch_size={config.eval.batch_size} is not divisible by the "
-        f"number of devices {num_devices}.")
 
 
 def _num_devices(config) -> int:
