@@ -99,6 +99,11 @@ def path_points(method: str, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
   Raises:
     ValueError: unknown `method` or a bad `num_steps`.
 
+  References:
+    Sundararajan, Taly, Yan, "Axiomatic Attribution for Deep Networks",
+    ICML 2017 (the Riemann approximation of IG); Chen et al., "Robust
+    Attribution Regularization", NeurIPS 2019 (the right rule of its code).
+
   Example:
     >>> path_points("riemann_right", 4)[0]
     array([0.25, 0.5 , 0.75, 1.  ], dtype=float32)

@@ -132,6 +132,18 @@ def restore_params(workdir: str, *, step: Optional[int] = None):
     FileNotFoundError: no workdir, no checkpoint in it, or not that step.
     CheckpointError: the checkpoint's files are corrupt or incomplete (the
       message names the step folder and the other saved steps).
+
+  References:
+    Orbax, `orbax.checkpoint.CheckpointManager`.
+
+  Example:
+    >>> import tempfile
+    >>> restore_params(tempfile.mkdtemp())
+    Traceback (most recent call last):
+      ...
+    FileNotFoundError: No checkpoint in workdir ...: .../checkpoints does not
+    exist. Train first (experiments/train.py --workdir=...), or check --workdir.
+    >>> step, params = restore_params("/tmp/rar_quickstart")  # doctest: +SKIP
   """
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
   steps = _saved_steps(directory)
@@ -182,6 +194,23 @@ def check_params(params, config, image_shape: Sequence[int], *,
     CheckpointError: other parameter names or shapes than
       `jax.eval_shape` of the model's init on `[1, H, W, C]`; the message
       names both shapes of each difference.
+
+  References:
+    RAR spec Sec. 5 (each dataset's image shape and model).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> c = train.default_config()
+    >>> c.model.name = "tiny_cnn"
+    >>> init_fn, _, _ = models.make_apply_fns("tiny_cnn", num_classes=10)
+    >>> params = jax.jit(init_fn)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    >>> check_params(params, c, (28, 28, 1))          # fits: no error
+    >>> check_params(params, c, (32, 32, 3))
+    Traceback (most recent call last):
+      ...
+    rar_jax.evaluation.CheckpointError: the checkpoint does not fit the
+    config: model 'tiny_cnn' with 10 classes on 'embedded_mnist' images of
+    shape (32, 32, 3) has 2,278 parameters, the checkpoint 1,762; ...
   """
   init_fn, _, _ = models.make_apply_fns(
       config.model.name, num_classes=config.dataset.num_classes,
@@ -221,6 +250,21 @@ def attack_settings(config) -> dict[str, Any]:
 
   `attack.epsilon` None takes the training radius `objective.epsilon`; the
   pixel box is `objective.clip_min/clip_max`.
+
+  Args:
+    config: the config (`attack.*`, `objective.*`).
+
+  Returns:
+    A dict of `attribution_attack`'s keyword arguments (all but the key and
+    the surrogate network).
+
+  References:
+    RAR spec Sec. 4.2 (the attack's settings per dataset).
+
+  Example:
+    >>> s = attack_settings(train.default_config())
+    >>> s["epsilon"], s["k_top"], s["eval_k"], s["num_steps"], s["num_ig_steps"]
+    (0.3, 200, 100, 100, 100)
   """
   a = config.attack
   return dict(
@@ -246,6 +290,23 @@ def validate_eval_config(config) -> None:
 
   The attack's hyper-parameters are checked again, against the image shape,
   when `evaluate_checkpoint` traces the attack before running anything.
+
+  Args:
+    config: the config (`attack.*`, `eval.pgd_num_restarts`).
+
+  Raises:
+    ValueError: the first bad field, named with its value.
+
+  References:
+    RAR spec Sec. 4.2 (the attack's settings).
+
+  Example:
+    >>> c = train.default_config()
+    >>> c.attack.saliency = "smooth"
+    >>> validate_eval_config(c)
+    Traceback (most recent call last):
+      ...
+    ValueError: Unknown attack.saliency 'smooth'; accepted: ig, gradient.
   """
   a = config.attack
   if a.saliency not in SALIENCIES:
@@ -273,7 +334,24 @@ def _overridden(config, *, num_examples=None, saliency=None, seed=None):
 
 
 def dataset_label(config) -> str:
-  """The paper's name of the config's dataset ("MNIST", "GTSRB", ...)."""
+  """The paper's name of the config's dataset ("MNIST", "GTSRB", ...).
+
+  Args:
+    config: the config (`dataset.name`; a path's last folder for `npz:`,
+      `idx:`, `folder:` and `tfds:` names).
+
+  Returns:
+    The Dataset column of the table (the name itself when unknown).
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (Table 1).
+
+  Example:
+    >>> c = train.default_config()
+    >>> c.dataset.name = "npz:/data/gtsrb"
+    >>> dataset_label(c)
+    'GTSRB'
+  """
   name = config.dataset.name
   for prefix in ("npz:", "idx:", "folder:", "tfds:"):
     if name.startswith(prefix):
@@ -282,7 +360,23 @@ def dataset_label(config) -> str:
 
 
 def method_label(config) -> str:
-  """The paper's name of the config's objective ("IG-NORM", ...)."""
+  """The paper's name of the config's objective ("IG-NORM", ...).
+
+  Args:
+    config: the config (`objective.name`).
+
+  Returns:
+    The Method column of the table (the name itself when unknown).
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (Table 1).
+
+  Example:
+    >>> c = train.default_config()
+    >>> c.objective.name = "ig_sum_norm"
+    >>> method_label(c)
+    'IG-SUM-NORM'
+  """
   name = config.objective.name
   return _METHOD_LABELS.get(name, name)
 
@@ -307,6 +401,27 @@ def attack_step(params, inputs, labels, keys, *, apply_fn, surrogate_apply_fn,
     The per-example outputs of `attribution_attack` (`_PER_EXAMPLE`,
     `_FIGURE`), `[B, ...]` for the global batch B, in batch order, on every
     device.
+
+  References:
+    Ghorbani, Abid, Zou, "Interpretation of Neural Networks is Fragile",
+    AAAI 2019; RAR spec Sec. 4.2.
+
+  Example:
+    >>> import functools, jax, numpy as np
+    >>> apply_fn = lambda p, x: x.reshape(len(x), -1) @ p   # linear, 2 classes
+    >>> settings = dict(epsilon=0.1, step_size=0.05, num_steps=2, k_top=2,
+    ...                 eval_k=2, num_ig_steps=4)
+    >>> p_attack = jax.pmap(functools.partial(
+    ...     attack_step, apply_fn=apply_fn, surrogate_apply_fn=apply_fn,
+    ...     settings=settings), axis_name=train.AXIS,
+    ...     devices=jax.local_devices()[:1])               # one device
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.uniform(size=(1, 3, 2, 2, 1)).astype(np.float32)  # [1, B, ...]
+    >>> w = rng.normal(size=(1, 4, 2)).astype(np.float32)
+    >>> out = p_attack(w, x, np.zeros((1, 3), np.int32),
+    ...                np.zeros((1, 3, 2), np.uint32))
+    >>> out["kendall_tau"].shape, out["adv_saliency"].shape
+    ((1, 3), (1, 3, 2, 2))
   """
   def one(x, y, key):
     out = attribution_attack(
@@ -342,6 +457,25 @@ def pgd_restarts_step(params, inputs, labels, mask, keys, *, apply_fn, attack,
 
   Returns:
     `{"adv_correct", "count"}`, summed over the devices.
+
+  References:
+    Madry et al., "Towards Deep Learning Models Resistant to Adversarial
+    Attacks", ICLR 2018 (PGD with random restarts); RAR spec Sec. 4.1.
+
+  Example:
+    >>> import functools, jax, numpy as np
+    >>> apply_fn = lambda p, x: x.reshape(len(x), -1) @ p   # linear, 2 classes
+    >>> p_step = jax.pmap(functools.partial(
+    ...     pgd_restarts_step, apply_fn=apply_fn, num_restarts=3,
+    ...     attack=dict(epsilon=0.1, step_size=0.05, num_steps=2)),
+    ...     axis_name=train.AXIS, devices=jax.local_devices()[:1])
+    >>> x = np.zeros((1, 2, 1, 2, 1), np.float32)
+    >>> x[0, 0, 0, 0] = 1.0         # margin 1: robust; the other: a tie
+    >>> out = p_step(np.eye(2, dtype=np.float32)[None], x,
+    ...              np.zeros((1, 2), np.int32), np.ones((1, 2), np.float32),
+    ...              np.zeros((1, 2, 2), np.uint32))
+    >>> float(out["adv_correct"][0]), float(out["count"][0])
+    (1.0, 2.0)
   """
   keys = jax.random.wrap_key_data(keys)
   ce = lambda x: objectives.cross_entropy(apply_fn(params, x), labels)
@@ -390,6 +524,23 @@ def accuracies(config, apply_fn, params, images, labels, *,
   Returns:
     `{"natural_accuracy", "num_examples", "adversarial_accuracy",
     "num_adversarial_examples"}`.
+
+  References:
+    RAR spec Sec. 4.1 (NA and AA); Madry et al., "Towards Deep Learning
+    Models Resistant to Adversarial Attacks", ICLR 2018.
+
+  Example:
+    >>> import numpy as np
+    >>> c = train.default_config()
+    >>> c.num_devices, c.eval.batch_size, c.eval.pgd_num_restarts = 1, 4, 2
+    >>> c.objective.update(epsilon=0.1, step_size=0.05, num_steps=2)
+    >>> apply_fn = lambda p, x: x.reshape(len(x), -1) @ p   # linear, 2 classes
+    >>> images = np.zeros((6, 1, 2, 1), np.float32)
+    >>> images[:3, 0, 0] = 1.0                              # class 0, margin 1
+    >>> accuracies(c, apply_fn, np.eye(2, dtype=np.float32), images,
+    ...            np.zeros(6, np.int32))
+    {'num_examples': 6, 'natural_accuracy': 1.0, 'adversarial_accuracy': 0.5,
+     'num_adversarial_examples': 6}
   """
   restarts = config.eval.pgd_num_restarts
   results = train.evaluate(config, apply_fn, params, images, labels,
@@ -447,6 +598,28 @@ def attribution_robustness(config, apply_fn, surrogate_apply_fn, params,
     iterate lowered tau). `figure_examples`: the same for the first
     `attack.num_figure_examples` correct examples plus `image`, `adv_image`
     `[k, H, W, C]`, `saliency`, `adv_saliency` `[k, H, W]`.
+
+  References:
+    Ghorbani, Abid, Zou, "Interpretation of Neural Networks is Fragile",
+    AAAI 2019; RAR spec Sec. 4.2 (the protocol).
+
+  Example:
+    >>> import numpy as np
+    >>> c = train.default_config()
+    >>> c.num_devices = 1
+    >>> c.attack.update(k_top=2, eval_k=2, num_steps=2, step_size=0.05,
+    ...                 epsilon=0.1, num_ig_steps=4, batch_size=2)
+    >>> apply_fn = lambda p, x: x.reshape(len(x), -1) @ p   # linear, 2 classes
+    >>> rng = np.random.default_rng(0)
+    >>> images = rng.uniform(size=(3, 2, 2, 1)).astype(np.float32)
+    >>> w = rng.normal(size=(4, 2)).astype(np.float32)
+    >>> labels = np.argmax(images.reshape(3, 4) @ w, axis=-1)   # all correct
+    >>> per_example, figures = attribution_robustness(
+    ...     c, apply_fn, apply_fn, w, images, labels)
+    >>> per_example["correct"], per_example["kendall_tau"].shape
+    (array([ True,  True,  True]), (3,))
+    >>> figures["adv_saliency"].shape                  # num_figure_examples
+    (3, 2, 2)
   """
   parallel = parallel or _Parallel(config.parallel, _num_devices(config))
   step_fn = parallel.compile(functools.partial(
@@ -520,6 +693,21 @@ def summarize(per_example) -> dict[str, Any]:
     `topk_intersection`, `kendall_tau`, `spearman_rho` (None when no example
     is correct), `num_examples_scanned`, `num_examples_attacked`,
     `num_attacks_found`.
+
+  References:
+    RAR spec Sec. 4.2 (averages over the correctly classified examples).
+
+  Example:
+    >>> import numpy as np
+    >>> summarize(dict(
+    ...     correct=np.array([True, True, False]),
+    ...     found=np.array([True, False, False]),
+    ...     topk_intersection=np.array([0.5, 1.0, np.nan]),
+    ...     kendall_tau=np.array([0.25, 1.0, np.nan]),
+    ...     spearman_rho=np.array([0.5, 1.0, np.nan])))
+    {'num_examples_scanned': 3, 'num_examples_attacked': 2,
+     'num_attacks_found': 1, 'topk_intersection': 0.75,
+     'kendall_tau': 0.625, 'spearman_rho': 0.75}
   """
   correct = per_example["correct"]
   count = int(correct.sum())
@@ -544,6 +732,23 @@ def table_row(results) -> list[str]:
 
   NA, AA and IN in percent with 2 decimals, CO (Kendall's tau) with 4; a
   simple-gradient evaluation is marked in the Method column.
+
+  Args:
+    results: a dict with `dataset`, `method` and (each may be None or
+      missing) `natural_accuracy`, `adversarial_accuracy`,
+      `topk_intersection`, `kendall_tau` as fractions, `saliency`.
+
+  Returns:
+    The six cells, strings ("–" for a missing value).
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (Table 1).
+
+  Example:
+    >>> table_row(dict(dataset="MNIST", method="IG-NORM",
+    ...                natural_accuracy=0.95, adversarial_accuracy=0.792,
+    ...                topk_intersection=0.8935, kendall_tau=0.5072))
+    ['MNIST', 'IG-NORM', '95.00%', '79.20%', '89.35%', '0.5072']
   """
   method = results["method"]
   if results.get("saliency", "ig") != "ig":
@@ -562,8 +767,29 @@ def write_table(results_list: Sequence[dict], prefix: str) -> list[str]:
   The CSV holds the same values, percentages without the % sign and empty
   cells for missing values.
 
+  Args:
+    results_list: dicts as `table_row` takes (e.g. `results.json`
+      contents).
+    prefix: path without the extension (folders are created).
+
   Returns:
     The two paths.
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (Table 1).
+
+  Example:
+    >>> import os, tempfile
+    >>> md, csv_path = write_table(
+    ...     [dict(dataset="MNIST", method="NATURAL", natural_accuracy=0.99)],
+    ...     os.path.join(tempfile.mkdtemp(), "table"))
+    >>> print(open(md).read(), end="")
+    | Dataset | Method | NA | AA | IN | CO |
+    |---|---|---:|---:|---:|---:|
+    | MNIST | NATURAL | 99.00% | – | – | – |
+    >>> print(open(csv_path).read(), end="")
+    Dataset,Method,NA,AA,IN,CO
+    MNIST,NATURAL,99.00,,,
   """
   rows = [table_row(r) for r in results_list]
   md = ["| " + " | ".join(TABLE_COLUMNS) + " |",
@@ -612,6 +838,22 @@ def plot_saliency(examples, path: str, *, title: str, saliency: str = "ig",
     epsilon: the attack radius (for the labels).
     eval_k: k of the intersection (for the labels).
     pixel_max: the upper end of the pixel range (to display images).
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019
+    (Figure 1).
+
+  Example:
+    >>> import os, tempfile, numpy as np
+    >>> examples = dict(
+    ...     index=[0], label=[7], image=np.zeros((1, 28, 28, 1)),
+    ...     adv_image=np.zeros((1, 28, 28, 1)), found=[True],
+    ...     saliency=np.ones((1, 28, 28)), adv_saliency=np.ones((1, 28, 28)),
+    ...     topk_intersection=[1.0], kendall_tau=[1.0])
+    >>> path = os.path.join(tempfile.mkdtemp(), "figure_saliency.png")
+    >>> plot_saliency(examples, path, title="example", epsilon=0.3, eval_k=100)
+    >>> os.path.getsize(path) > 0
+    True
   """
   rows = len(examples["index"])
   name = "IG" if saliency == "ig" else "gradient"
@@ -655,6 +897,19 @@ def plot_kendall_histogram(per_example, path: str, *, title: str) -> None:
     per_example: the first output of `attribution_robustness`.
     path: the PNG to write.
     title: the figure's title.
+
+  References:
+    Ghorbani, Abid, Zou, "Interpretation of Neural Networks is Fragile",
+    AAAI 2019 (rank correlation after the attack).
+
+  Example:
+    >>> import os, tempfile, numpy as np
+    >>> per_example = dict(correct=np.array([True, True, False]),
+    ...                    kendall_tau=np.array([0.4, 0.6, np.nan]))
+    >>> path = os.path.join(tempfile.mkdtemp(), "figure_kendall_hist.png")
+    >>> plot_kendall_histogram(per_example, path, title="example")
+    >>> os.path.getsize(path) > 0
+    True
   """
   taus = per_example["kendall_tau"][per_example["correct"]]
   taus = taus[np.isfinite(taus)]
@@ -741,6 +996,20 @@ def evaluate_checkpoint(config, workdir: str,
     CheckpointError: a corrupt checkpoint, or one whose parameters do not fit
       the config's model on the dataset's images.
     ValueError: a bad config (before anything is computed).
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (spec
+    Sec. 4: NA, AA, IN, CO; Table 1 and Figure 1).
+
+  Example:
+    After `train.train_and_evaluate` on the same config; seconds on a CPU
+    with the smoke preset (`tests/evaluation_test.py` runs it):
+
+    >>> from experiments.configs import quickstart  # doctest: +SKIP
+    >>> results = evaluate_checkpoint(quickstart.get_config("smoke"),
+    ...                               "/tmp/rar_smoke")  # doctest: +SKIP
+    >>> sorted(results)[:4]  # doctest: +SKIP
+    ['adversarial_accuracy', 'attack', 'checkpoint', 'config']
   """
   t_start = time.time()
   config = _overridden(config, num_examples=num_examples, saliency=saliency,

@@ -51,6 +51,16 @@ def leaky_relu(x: Array) -> Array:
 
   Returns:
     `where(x < 0, 0.1 x, x)`, same shape as `x`.
+
+  References:
+    Maas, Hannun, Ng, "Rectifier Nonlinearities Improve Neural Network
+    Acoustic Models", ICML 2013 workshop; RAR spec Sec. 5.2 (`_relu(x, 0.1)`
+    of the GTSRB/Flower code).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> leaky_relu(jnp.array([-1.0, 0.0, 2.0]))
+    Array([-0.1,  0. ,  2. ], dtype=float32)
   """
   return jnp.where(x < 0, LEAKINESS * x, x)
 
@@ -63,6 +73,15 @@ def leaky_softplus(x: Array) -> Array:
 
   Returns:
     Same shape as `x`.
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (the
+    smooth network of its attribution attack; spec Sec. 4.2).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> jnp.round(leaky_softplus(jnp.array([-20.0, 0.0, 20.0])), 3)
+    Array([-2.   ,  0.624, 20.   ], dtype=float32)
   """
   return LEAKINESS * x + (1.0 - LEAKINESS) * jax.nn.softplus(x)
 
@@ -95,6 +114,15 @@ def get_activation(name: str) -> Callable[[Array], Array]:
 
   Raises:
     ValueError: `name` is not one of `ACTIVATIONS`.
+
+  References:
+    RAR spec Sec. 5 (relu for the CNNs, leaky_relu for the ResNets) and
+    Sec. 4.2 (their smooth surrogates in the attribution attack).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> get_activation("relu")(jnp.array([-1.0, 1.0]))
+    Array([0., 1.], dtype=float32)
   """
   if name not in ACTIVATIONS:
     raise ValueError(
@@ -116,6 +144,16 @@ def max_pool_2x2(x: Array) -> Array:
 
   Returns:
     [N, ceil(H/2), ceil(W/2), C].
+
+  References:
+    Madry et al. 2018, MNIST challenge `model.py` (`tf.nn.max_pool`); RAR
+    spec Sec. 5.1.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> max_pool_2x2(jnp.arange(9.0).reshape(1, 3, 3, 1))[..., 0]
+    Array([[[4., 5.],
+            [7., 8.]]], dtype=float32)
   """
   n, h, w, c = x.shape
   # SAME padding: an odd edge gets a padded row/column that never wins.
@@ -155,6 +193,14 @@ class MnistCNN(nn.Module):
 
   References:
     Madry et al. 2018, MNIST challenge `model.py`; RAR spec Sec. 5.1.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> model = MnistCNN(conv_features=(2, 4), kernel_size=3, dense_features=8)
+    >>> x = jnp.zeros((2, 28, 28, 1))
+    >>> variables = jax.jit(model.init)(jax.random.key(0), x)
+    >>> jax.jit(model.apply)(variables, x).shape
+    (2, 10)
   """
   num_classes: int = 10
   conv_features: Sequence[int] = (32, 64)
@@ -202,6 +248,15 @@ def per_image_standardization(x: Array) -> Array:
 
   Returns:
     [N, H, W, C], float.
+
+  References:
+    TensorFlow, `tf.image.per_image_standardization`; RAR spec Sec. 5.2-5.3
+    (the first op of the GTSRB/Flower ResNet).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> per_image_standardization(jnp.array([[[[0.0], [2.0]]]]))[..., 0]
+    Array([[[-1.,  1.]]], dtype=float32)
   """
   num_values = x.shape[1] * x.shape[2] * x.shape[3]
   mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
@@ -223,6 +278,18 @@ class ResidualUnit(nn.Module):
     stride: stride of the first conv (and of the shortcut pooling).
     activate_before_residual: see above (first unit of the first stage).
     activation: a name in `ACTIVATIONS`.
+
+  References:
+    He, Zhang, Ren, Sun, "Identity Mappings in Deep Residual Networks", ECCV
+    2016; Madry et al. 2018, CIFAR10 challenge `model.py` (`_residual`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> unit = ResidualUnit(features=4, stride=2)
+    >>> x = jnp.ones((1, 8, 8, 2))
+    >>> variables = jax.jit(unit.init)(jax.random.key(0), x)
+    >>> jax.jit(unit.apply)(variables, x).shape
+    (1, 4, 4, 4)
   """
   features: int
   stride: int = 1
@@ -297,6 +364,16 @@ class ResNet(nn.Module):
 
   References:
     Madry et al. 2018, CIFAR10 challenge `model.py`; RAR spec Sec. 5.2-5.3.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> model = ResNet(num_classes=3, num_units_per_stage=1, stem_features=2,
+    ...                stage_features=(2, 4, 8))
+    >>> x = jnp.ones((1, 16, 16, 3))
+    >>> logits, variables = jax.eval_shape(              # shapes only
+    ...     model.init_with_output, jax.random.key(0), x)
+    >>> logits.shape, variables["params"]["logit"]["kernel"].shape
+    ((1, 3), (8, 3))
   """
   num_classes: int = 43
   num_units_per_stage: int = 2
@@ -371,6 +448,16 @@ def get_model(name: str, *, num_classes: int, activation: str | None = None,
 
   Raises:
     ValueError: unknown model name, activation or override field.
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (spec
+    Sec. 5: the MNIST CNN and the GTSRB/Flower ResNets).
+
+  Example:
+    >>> get_model("small_cnn", num_classes=10).conv_features
+    (16, 32)
+    >>> get_model("mnist_cnn", num_classes=10, activation="softplus").activation
+    'softplus'
   """
   if name not in _MODELS:
     raise ValueError(
@@ -397,11 +484,6 @@ def make_apply_fns(
            Callable[[Any, Array], Array]]:
   """Returns `(init_fn, apply_fn, surrogate_apply_fn)` for a named model.
 
-  Example:
-    init_fn, apply_fn, smooth_fn = make_apply_fns("small_cnn", num_classes=10)
-    params = init_fn(jax.random.key(0), jnp.zeros([1, 28, 28, 1]))
-    logits = apply_fn(params, x)     # [N, 10]
-
   Args:
     model_name: one of `MODEL_NAMES`.
     num_classes: number of logits.
@@ -418,6 +500,21 @@ def make_apply_fns(
 
   Raises:
     ValueError: as `get_model`.
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (spec
+    Sec. 4.2: the attack differentiates the softplus network); Ghorbani,
+    Abid, Zou, "Interpretation of Neural Networks is Fragile", AAAI 2019
+    (softplus in place of ReLU, whose second derivative is zero).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> init_fn, apply_fn, smooth_fn = make_apply_fns("tiny_cnn",
+    ...                                               num_classes=10)
+    >>> x = jnp.zeros((2, 28, 28, 1))
+    >>> params = jax.jit(init_fn)(jax.random.key(0), x)
+    >>> apply_fn(params, x).shape, smooth_fn(params, x).shape
+    ((2, 10), (2, 10))
   """
   model = get_model(model_name, num_classes=num_classes,
                     activation=activation, **overrides)

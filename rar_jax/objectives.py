@@ -53,6 +53,17 @@ def cross_entropy(logits: Array, labels: Array) -> Array:
   TF code used `-log(clip(softmax, 1e-10, 1))`, whose gradient vanishes when
   `p_y < 1e-10`; the two agree everywhere else.)
 
+  Args:
+    logits: `[N, C]` class scores.
+    labels: `[N]` int class indices in `[0, C)`.
+
+  Returns:
+    `[N]` losses, `-log softmax(logits)[label]`.
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (the loss
+    `l(x, y)` of every objective; spec section 3.1).
+
   Example:
     >>> import jax.numpy as jnp
     >>> cross_entropy(jnp.zeros((1, 4)), jnp.array([2]))
@@ -90,6 +101,22 @@ def check_hyper(name: str, hyper: dict) -> None:
   Args:
     name: a name in `OBJECTIVES`.
     hyper: the hyper-parameter keywords (`HYPER_KEYS`).
+
+  Raises:
+    ValueError: an unknown objective or keyword, a missing keyword, or a
+      value out of range; the message names it and the accepted values.
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (the
+    hyper-parameters of each objective, spec sections 3.1-3.2).
+
+  Example:
+    >>> check_hyper("ig_norm", dict(epsilon=0.1, step_size=0.01, num_steps=10,
+    ...                             lam=1.0, m=10, approx_factor=3))
+    Traceback (most recent call last):
+      ...
+    ValueError: approx_factor=3 is not accepted with m=10; it must be an int
+    >= 1 that divides m (divisors of 10: [1, 2, 5, 10]).
   """
   if name not in _NEEDS:
     get_objective(name)
@@ -210,6 +237,17 @@ def madry(apply_fn, params, inputs, labels, *, key, **hyper):
   References:
     Madry et al., ICLR 2018; Chen et al., NeurIPS 2019, (RAR-U) with
     s = sum and lambda = 1.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> apply_fn = lambda p, x: x @ p                 # linear, 2 classes
+    >>> loss, aux = madry(apply_fn, jnp.eye(2), jnp.full((1, 2), 0.5),
+    ...                   jnp.array([0]), key=None, epsilon=0.1,
+    ...                   step_size=0.1, num_steps=1)
+    >>> aux["adv_inputs"]                             # away from class 0
+    Array([[0.4, 0.6]], dtype=float32)
+    >>> loss                                          # log(1 + e^0.2)
+    Array([0.79813886], dtype=float32)
   """
   check_hyper("madry", hyper)
   hyper = _defaults(hyper)
@@ -239,6 +277,15 @@ def trades(apply_fn, params, inputs, labels, *, key, **hyper):
   References:
     Zhang et al., "Theoretically Principled Trade-off between Robustness and
     Accuracy", ICML 2019.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> apply_fn = lambda p, x: x @ p                 # linear, 2 classes
+    >>> loss, aux = trades(apply_fn, jnp.eye(2), jnp.full((2, 2), 0.5),
+    ...                    jnp.array([0, 1]), key=jax.random.key(0),
+    ...                    epsilon=0.1, step_size=0.05, num_steps=2, lam=6.0)
+    >>> bool(jnp.allclose(loss, aux["ce"] + 6.0 * aux["reg"]))
+    True
   """
   check_hyper("trades", hyper)
   hyper = _defaults(hyper)
@@ -282,6 +329,16 @@ def ig_norm(apply_fn, params, inputs, labels, *, key, **hyper):
   References:
     Chen et al., "Robust Attribution Regularization", NeurIPS 2019, IG-NORM
     (training objective "ar", inner loss "ar_approx" in the original code).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> apply_fn = lambda p, x: x @ p                 # linear, 2 classes
+    >>> loss, aux = ig_norm(apply_fn, jnp.eye(2), jnp.full((2, 2), 0.5),
+    ...                     jnp.array([0, 1]), key=jax.random.key(0),
+    ...                     epsilon=0.1, step_size=0.05, num_steps=2,
+    ...                     lam=1.0, m=4, approx_factor=2)
+    >>> loss.shape, bool(jnp.allclose(loss, aux["ce"] + aux["reg"]))
+    ((2,), True)
   """
   check_hyper("ig_norm", hyper)
   hyper = _defaults(hyper)
@@ -318,6 +375,16 @@ def ig_sum_norm(apply_fn, params, inputs, labels, *, key, **hyper):
   References:
     Chen et al., "Robust Attribution Regularization", NeurIPS 2019,
     IG-SUM-NORM (training objective "adv_ar", inner loss "adv_ar_approx").
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> apply_fn = lambda p, x: x @ p                 # linear, 2 classes
+    >>> loss, aux = ig_sum_norm(apply_fn, jnp.eye(2), jnp.full((2, 2), 0.5),
+    ...                         jnp.array([0, 1]), key=jax.random.key(0),
+    ...                         epsilon=0.1, step_size=0.05, num_steps=2,
+    ...                         lam=0.5, m=4, approx_factor=2)
+    >>> bool(jnp.allclose(loss, aux["adv_ce"] + 0.5 * aux["reg"]))
+    True
   """
   check_hyper("ig_sum_norm", hyper)
   hyper = _defaults(hyper)
@@ -365,6 +432,16 @@ def ig_wasserstein(apply_fn, params, inputs, labels, *, key, **hyper):
     (distributional robustness model); Sinha, Namkoong, Duchi, "Certifying
     Some Distributional Robustness with Principled Adversarial Training",
     ICLR 2018.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> apply_fn = lambda p, x: x @ p                 # linear, 2 classes
+    >>> loss, aux = ig_wasserstein(
+    ...     apply_fn, jnp.eye(2), jnp.full((2, 2), 0.5), jnp.array([0, 1]),
+    ...     key=jax.random.key(0), epsilon=0.1, step_size=0.05, num_steps=2,
+    ...     lam=1.0, gamma=1.0, m=4, approx_factor=2)
+    >>> loss.shape, bool(jnp.allclose(loss, aux["ce"] + aux["reg"]))
+    ((2,), True)
   """
   check_hyper("ig_wasserstein", hyper)
   if key is None:
@@ -410,7 +487,31 @@ OBJECTIVES: dict[str, Callable[..., tuple[Array, dict[str, Any]]]] = {
 
 
 def get_objective(name: str):
-  """The objective function called `name`; a clear error for unknown names."""
+  """The objective function called `name`; a clear error for unknown names.
+
+  Args:
+    name: a name in `OBJECTIVES`.
+
+  Returns:
+    The objective, `(apply_fn, params, inputs [N, *S], labels [N], *, key,
+    **hyper) -> (loss [N], aux)`.
+
+  Raises:
+    ValueError: an unknown name (the message lists the accepted ones).
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (the
+    methods of Table 1).
+
+  Example:
+    >>> get_objective("ig_norm") is ig_norm
+    True
+    >>> get_objective("ig")
+    Traceback (most recent call last):
+      ...
+    ValueError: Unknown objective 'ig'; accepted: natural, madry, trades,
+    ig_norm, ig_sum_norm, ig_wasserstein.
+  """
   try:
     return OBJECTIVES[name]
   except (KeyError, TypeError):
@@ -420,7 +521,27 @@ def get_objective(name: str):
 
 
 def reduce_loss(per_example: Array, reduction: str = "sum") -> Array:
-  """`sum` (the original code) or `mean` (the paper's formulas) over the batch."""
+  """`sum` (the original code) or `mean` (the paper's formulas) over the batch.
+
+  Args:
+    per_example: `[N]` per-example losses.
+    reduction: one of `REDUCTIONS`.
+
+  Returns:
+    The scalar loss.
+
+  Raises:
+    ValueError: an unknown `reduction`.
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (batch
+    sums of its code vs. means of its formulas; spec section 3.1).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> reduce_loss(jnp.array([1.0, 3.0]), "mean")
+    Array(2., dtype=float32)
+  """
   if reduction == "sum":
     return jnp.sum(per_example)
   if reduction == "mean":
@@ -444,6 +565,13 @@ def loss(objective, apply_fn, params, inputs, labels, *, key=None, **hyper):
 
   Returns:
     `(scalar loss, aux)`; `aux` also holds the per-example `loss [N]`.
+
+  Raises:
+    ValueError: an unknown objective or reduction, or a bad hyper-parameter.
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (the
+    training objectives, spec section 3.1).
 
   Example:
     >>> import jax, jax.numpy as jnp

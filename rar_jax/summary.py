@@ -9,6 +9,11 @@ Example:
   >>> import tempfile
   >>> with SummaryWriter(tempfile.mkdtemp()) as writer:
   ...   writer.scalar("train/loss", 0.25, step=10)
+
+References:
+  TensorFlow, "TFRecord and tf.train.Example" (the record framing);
+  TensorBoard's `tensorboard/compat/proto/event.proto` and `summary.proto`
+  (the `Event` and `Summary` messages).
 """
 
 import os
@@ -25,7 +30,22 @@ for _i in range(256):
 
 
 def crc32c(data: bytes) -> int:
-  """CRC-32C (Castagnoli), as TFRecord framing uses."""
+  """CRC-32C (Castagnoli), as TFRecord framing uses.
+
+  Args:
+    data: the bytes to check.
+
+  Returns:
+    The 32-bit checksum, an int in `[0, 2**32)`.
+
+  References:
+    Castagnoli, Braeuer, Herrmann, "Optimization of Cyclic Redundancy-Check
+    Codes with 24 and 32 Parity Bits", IEEE Trans. Commun. 1993.
+
+  Example:
+    >>> hex(crc32c(b"123456789"))                 # the standard check value
+    '0xe3069283'
+  """
   crc = 0xFFFFFFFF
   for byte in data:
     crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
@@ -60,7 +80,25 @@ def _bytes_field(number: int, data: bytes) -> bytes:
 
 def encode_event(*, wall_time: float, step: int = 0, file_version=None,
                  scalars=()) -> bytes:
-  """Serialises an `Event` with either a file version or scalar summaries."""
+  """Serialises an `Event` with either a file version or scalar summaries.
+
+  Args:
+    wall_time: seconds since the epoch.
+    step: the global step.
+    file_version: e.g. `"brain.Event:2"` for a file's first event, or None.
+    scalars: `(tag, value)` pairs of one step.
+
+  Returns:
+    The protocol-buffer bytes of the `Event`.
+
+  References:
+    TensorBoard, `tensorboard/compat/proto/event.proto` (`Event`) and
+    `summary.proto` (`Summary.Value.simple_value`).
+
+  Example:
+    >>> encode_event(wall_time=1.0, step=2).hex()   # fields 1 and 2
+    '09000000000000f03f1002'
+  """
   out = _field(1, 1, struct.pack("<d", wall_time))     # double wall_time = 1
   out += _field(2, 0, _varint(int(step)))               # int64 step = 2
   if file_version is not None:                          # string file_version = 3
@@ -75,14 +113,50 @@ def encode_event(*, wall_time: float, step: int = 0, file_version=None,
 
 
 def tfrecord(data: bytes) -> bytes:
-  """Frames one record: length, masked CRC of length, data, masked CRC."""
+  """Frames one record: length, masked CRC of length, data, masked CRC.
+
+  Args:
+    data: the record's bytes (a serialised `Event`).
+
+  Returns:
+    `len(data) + 16` bytes: uint64 length, uint32 masked CRC-32C of the
+    length, the data, uint32 masked CRC-32C of the data (little-endian).
+
+  References:
+    TensorFlow, "TFRecord and tf.train.Example" (the TFRecord format).
+
+  Example:
+    >>> len(tfrecord(b"abc"))
+    19
+  """
   length = struct.pack("<Q", len(data))
   return (length + struct.pack("<I", _masked_crc(length)) + data
           + struct.pack("<I", _masked_crc(data)))
 
 
 def read_records(path):
-  """Yields the records of a TFRecord file, checking both CRCs."""
+  """Yields the records of a TFRecord file, checking both CRCs.
+
+  Args:
+    path: a TFRecord file (e.g. an event file of `SummaryWriter`).
+
+  Yields:
+    The data of each record, as bytes.
+
+  Raises:
+    ValueError: a record whose length or data fails its CRC.
+
+  References:
+    TensorFlow, "TFRecord and tf.train.Example" (the TFRecord format).
+
+  Example:
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "records")
+    >>> with open(path, "wb") as f:
+    ...   _ = f.write(tfrecord(b"one") + tfrecord(b"two"))
+    >>> list(read_records(path))
+    [b'one', b'two']
+  """
   with open(path, "rb") as f:
     while header := f.read(12):
       length, length_crc = struct.unpack("<QI", header)
@@ -96,7 +170,25 @@ def read_records(path):
 
 
 class SummaryWriter:
-  """Appends scalar summaries to a new event file in `logdir`."""
+  """Appends scalar summaries to a new event file in `logdir`.
+
+  Each writer creates its own file, `logdir/events.out.tfevents.*`, whose
+  first record holds the file version; `tensorboard --logdir` reads it.
+
+  Args:
+    logdir: the folder (created if missing).
+
+  References:
+    TensorBoard, `tensorboard/compat/proto/event.proto`; TensorFlow,
+    "TFRecord and tf.train.Example".
+
+  Example:
+    >>> import tempfile
+    >>> with SummaryWriter(tempfile.mkdtemp()) as writer:
+    ...   writer.scalars({"train/loss": 0.25, "train/accuracy": 0.9}, step=1)
+    >>> len(list(read_records(writer.path)))        # version + one step
+    2
+  """
 
   def __init__(self, logdir: str):
     os.makedirs(logdir, exist_ok=True)
@@ -111,17 +203,20 @@ class SummaryWriter:
     self._file.flush()
 
   def scalars(self, values: dict, step: int):
-    """Writes several `{tag: value}` scalars for one step."""
+    """Writes several `{tag: value}` scalars (floats) for one step."""
     self._file.write(tfrecord(encode_event(
         wall_time=time.time(), step=step, scalars=sorted(values.items()))))
 
   def scalar(self, tag: str, value: float, step: int):
+    """Writes one scalar for one step."""
     self.scalars({tag: value}, step)
 
   def flush(self):
+    """Writes buffered records to the file."""
     self._file.flush()
 
   def close(self):
+    """Closes the file (again: no effect)."""
     if not self._file.closed:
       self._file.close()
 

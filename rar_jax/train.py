@@ -59,7 +59,21 @@ _FROZEN = ("seed", "batch_size", "dataset", "model", "objective", "optimizer")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Every field `train_and_evaluate` reads, with defaults (plain values)."""
+  """Every field `train_and_evaluate` reads, with defaults (plain values).
+
+  Returns:
+    A `ConfigDict` with the fields of the module docstring; the defaults are
+    the paper's MNIST NATURAL settings on the embedded sample.
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (spec
+    Sec. 3.2 hyper-parameters, Sec. 4 evaluation).
+
+  Example:
+    >>> c = default_config()
+    >>> c.batch_size, c.model.name, c.objective.name, c.objective.epsilon
+    (50, 'small_cnn', 'natural', 0.3)
+  """
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 50
@@ -137,12 +151,52 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def objective_hyper(config) -> dict[str, Any]:
-  """The objective's hyper-parameter keywords from `config.objective`."""
+  """The objective's hyper-parameter keywords from `config.objective`.
+
+  Args:
+    config: a config with the fields of `default_config()`.
+
+  Returns:
+    `{key: config.objective[key]}` for every key of `objectives.HYPER_KEYS`.
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (spec
+    Sec. 3.2).
+
+  Example:
+    >>> hyper = objective_hyper(default_config())
+    >>> hyper["epsilon"], hyper["m"], hyper["approx_factor"], hyper["reduction"]
+    (0.3, 50, 5, 'sum')
+  """
   return {k: config.objective[k] for k in objectives.HYPER_KEYS}
 
 
 def learning_rate_schedule(opt_config):
-  """A constant or piecewise-constant learning rate (plain config values)."""
+  """A constant or piecewise-constant learning rate (plain config values).
+
+  Args:
+    opt_config: `config.optimizer` (`learning_rate`, `lr_boundaries`,
+      `lr_values`).
+
+  Returns:
+    `learning_rate` (a float) without boundaries, else an optax schedule,
+    update count -> rate, where `lr_values[i]` applies up to and including
+    update `lr_boundaries[i]` (TF's `piecewise_constant`).
+
+  Raises:
+    ValueError: `lr_values` is not one longer than `lr_boundaries`.
+
+  References:
+    RAR spec Sec. 3.2 (the GTSRB/Flower schedules); TensorFlow,
+    `tf.compat.v1.train.piecewise_constant`.
+
+  Example:
+    >>> c = default_config()
+    >>> c.optimizer.update(lr_boundaries=(100,), lr_values=(1e-3, 1e-4))
+    >>> schedule = learning_rate_schedule(c.optimizer)
+    >>> [round(float(schedule(count)), 6) for count in (100, 101)]
+    [0.001, 0.0001]
+  """
   boundaries = list(opt_config.lr_boundaries)
   values = list(opt_config.lr_values)
   if not boundaries and not values:
@@ -160,7 +214,30 @@ def learning_rate_schedule(opt_config):
 
 
 def create_optimizer(opt_config) -> optax.GradientTransformation:
-  """Adam (the paper's MNIST setting) or SGD with momentum (GTSRB, Flower)."""
+  """Adam (the paper's MNIST setting) or SGD with momentum (GTSRB, Flower).
+
+  Args:
+    opt_config: `config.optimizer` (`name`, `momentum` and the learning rate
+      fields of `learning_rate_schedule`).
+
+  Returns:
+    An `optax.GradientTransformation`.
+
+  Raises:
+    ValueError: an unknown optimiser name or a bad schedule.
+
+  References:
+    Kingma, Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015;
+    RAR spec Sec. 3.2 (optimiser per dataset).
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> tx = create_optimizer(default_config().optimizer)   # Adam, lr 1e-4
+    >>> params = {"w": jnp.zeros(2)}
+    >>> updates, _ = tx.update({"w": jnp.ones(2)}, tx.init(params), params)
+    >>> jnp.round(optax.apply_updates(params, updates)["w"], 6)
+    Array([-0.0001, -0.0001], dtype=float32)
+  """
   lr = learning_rate_schedule(opt_config)
   if opt_config.name == "adam":
     return optax.adam(lr)
@@ -175,7 +252,28 @@ def _is_kernel(path) -> bool:
 
 
 def validate_config(config) -> None:
-  """Fails before any data loading or compilation on a bad config."""
+  """Fails before any data loading or compilation on a bad config.
+
+  Args:
+    config: a config with the fields of `default_config()`.
+
+  Raises:
+    ValueError: the first bad field, named with its value and the accepted
+      values (objective hyper-parameters, model, optimiser, sizes, a batch
+      that does not split over the devices).
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (spec
+    Sec. 3.2 hyper-parameters).
+
+  Example:
+    >>> c = default_config()
+    >>> c.parallel = "xmap"
+    >>> validate_config(c)
+    Traceback (most recent call last):
+      ...
+    ValueError: Unknown parallel='xmap'; accepted: pmap, shard_map.
+  """
   if config.parallel not in PARALLEL:
     raise ValueError(f"Unknown parallel={config.parallel!r}; accepted: "
                      f"{', '.join(PARALLEL)}.")
@@ -193,7 +291,26 @@ def validate_config(config) -> None:
 
 
 def check_divisible(field: str, batch_size: int, config) -> None:
-  """A batch must split evenly over all devices of all processes."""
+  """A batch must split evenly over all devices of all processes.
+
+  Args:
+    field: the config field's name, for the message.
+    batch_size: its value, a global batch size.
+    config: the config (`num_devices`; None: all local devices).
+
+  Raises:
+    ValueError: `batch_size` is not a multiple of the devices of all
+      processes (the message names both numbers).
+
+  References:
+    JAX documentation, `jax.pmap` and `jax.shard_map` (one equal shard per
+    device).
+
+  Example:
+    >>> import jax
+    >>> c = default_config()
+    >>> check_divisible("batch_size", 8 * jax.device_count(), c)   # passes
+  """
   num_devices = _num_devices(config) * jax.process_count()
   if batch_size % num_devices:
     raise ValueError(
@@ -235,6 +352,28 @@ def train_step(state, inputs, labels, keys, *, apply_fn, objective, hyper, tx,
   Returns:
     `(new_state, sums)` with `sums` the batch sums of the logged terms over
     all devices (and `count`), identical on every device.
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (the
+    training loop, spec Sec. 3.1); Flax `examples/imagenet` (`lax.pmean` of
+    the gradients under `jax.pmap`).
+
+  Example:
+    >>> import functools, jax, jax.numpy as jnp, numpy as np, optax
+    >>> apply_fn = lambda p, x: x.reshape(len(x), -1) @ p["kernel"]
+    >>> params, tx = {"kernel": jnp.zeros((4, 3))}, optax.sgd(0.1)
+    >>> state = {"params": params, "opt_state": tx.init(params), "step": 0}
+    >>> p_step = jax.pmap(functools.partial(
+    ...     train_step, apply_fn=apply_fn, objective="natural",
+    ...     hyper=objective_hyper(default_config()), tx=tx),
+    ...     axis_name=AXIS, devices=jax.local_devices()[:1])   # one device
+    >>> on_device = lambda tree: jax.tree.map(lambda v: np.asarray(v)[None],
+    ...                                       tree)  # [1, ...] per leaf
+    >>> x, y = np.ones((1, 2, 2, 2, 1), np.float32), np.zeros((1, 2), np.int32)
+    >>> keys = np.zeros((1, 2, 2), np.uint32)
+    >>> state, sums = p_step(on_device(state), x, y, keys)
+    >>> int(state["step"][0]), float(sums["count"][0]), float(sums["loss"][0])
+    (1, 2.0, 2.197224...)
   """
   keys = jax.random.wrap_key_data(keys)
 
@@ -289,6 +428,22 @@ def eval_step(params, inputs, labels, mask, keys, *, apply_fn, attack=None):
   Returns:
     `{"correct", "count"}` (and `"adv_correct"` with an attack), summed over
     the devices.
+
+  References:
+    RAR spec Sec. 4.1 (natural and PGD accuracy); Madry et al., "Towards
+    Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018.
+
+  Example:
+    >>> import functools, jax, jax.numpy as jnp, numpy as np
+    >>> apply_fn = lambda p, x: x.reshape(len(x), -1) @ p   # linear, 2 classes
+    >>> p_eval = jax.pmap(functools.partial(eval_step, apply_fn=apply_fn),
+    ...                   axis_name=AXIS, devices=jax.local_devices()[:1])
+    >>> x = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]).reshape(3, 1, 2, 1)
+    >>> x, y, mask = data_lib.pad_batch(x, np.zeros(3, np.int32), batch_size=4)
+    >>> out = p_eval(np.eye(2)[None], x[None], y[None], mask[None],
+    ...              np.zeros((1, 4, 2), np.uint32))
+    >>> float(out["correct"][0]), float(out["count"][0])    # padding masked
+    (2.0, 3.0)
   """
   sums = {"correct": jnp.sum(mask * metrics_lib.accuracy(
       apply_fn(params, inputs), labels)), "count": jnp.sum(mask)}
@@ -429,6 +584,19 @@ def latest_checkpoint(workdir: str, step=None):
 
   Raises:
     FileNotFoundError: no checkpoint in the workdir (or not that step).
+
+  References:
+    Orbax, `orbax.checkpoint.CheckpointManager`.
+
+  Example:
+    >>> import tempfile
+    >>> latest_checkpoint(tempfile.mkdtemp())
+    Traceback (most recent call last):
+      ...
+    FileNotFoundError: No checkpoints in ...: .../checkpoints does not exist.
+    Train first, or check --workdir.
+    >>> step, params = latest_checkpoint(
+    ...     "/tmp/rar_quickstart")  # doctest: +SKIP
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -508,6 +676,23 @@ def evaluate(config, apply_fn, params, images, labels, *, parallel=None,
   Returns:
     `{"natural_accuracy", "num_examples"}` plus `"adversarial_accuracy"` and
     `"num_adversarial_examples"` with PGD.
+
+  References:
+    RAR spec Sec. 4.1 (NA and AA); Madry et al., "Towards Deep Learning
+    Models Resistant to Adversarial Attacks", ICLR 2018.
+
+  Example:
+    >>> import numpy as np
+    >>> c = default_config()
+    >>> c.num_devices, c.eval.batch_size = 1, 4
+    >>> c.objective.update(epsilon=0.1, step_size=0.05, num_steps=2)
+    >>> apply_fn = lambda p, x: x.reshape(len(x), -1) @ p   # linear, 2 classes
+    >>> images = np.zeros((6, 1, 2, 1), np.float32)
+    >>> images[:3, 0, 0] = 1.0                              # class 0 wins
+    >>> labels = np.array([0, 0, 0, 1, 1, 1])               # ties go to 0
+    >>> evaluate(c, apply_fn, np.eye(2, dtype=np.float32), images, labels)
+    {'num_examples': 6, 'natural_accuracy': 0.5, 'adversarial_accuracy': 0.5,
+     'num_adversarial_examples': 6}
   """
   parallel = parallel or _Parallel(config.parallel, _num_devices(config))
   n = config.eval.num_examples or len(images)
@@ -566,6 +751,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     ValueError: a bad config (before any compilation).
     NonFiniteError: a non-finite loss term or gradient (the last good
       checkpoint stays in `workdir`).
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (spec
+    Sec. 3 training, Sec. 4.1 NA/AA).
+
+  Example:
+    Seconds on a CPU with the smoke preset; `tests/train_test.py` runs it
+    (with a resume).
+
+    >>> from experiments.configs import quickstart  # doctest: +SKIP
+    >>> train_and_evaluate(quickstart.get_config("smoke"),
+    ...                    "/tmp/rar_smoke")["step"]  # doctest: +SKIP
+    4
   """
   # --- Check everything that can be checked before compiling. ---
   validate_config(config)

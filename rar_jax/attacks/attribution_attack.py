@@ -75,6 +75,23 @@ def saliency_fn(apply_fn, params, labels, *, saliency="ig", num_ig_steps=100,
 
   Returns:
     A function from inputs `[N, H, W, C]` to maps `[N, H, W]`.
+
+  Raises:
+    ValueError: an unknown `saliency`.
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019
+    (evaluation saliency, spec section 4.2); Sundararajan, Taly, Yan,
+    "Axiomatic Attribution for Deep Networks", ICML 2017.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> apply_fn = lambda p, x: x.reshape(len(x), -1) @ p   # linear, 2 classes
+    >>> fn = saliency_fn(apply_fn, jnp.ones((4, 2)), jnp.array([0]),
+    ...                  num_ig_steps=10)
+    >>> fn(jnp.full((1, 2, 2, 1), 0.5))                     # [1, 2, 2]
+    Array([[[1., 1.],
+            [1., 1.]]], dtype=float32)
   """
   if saliency not in SALIENCIES:
     raise ValueError(f"Unknown saliency {saliency!r}; accepted: "
@@ -181,14 +198,15 @@ def attribution_attack(
     (evaluation protocol, section 4.2 of the spec).
 
   Example:
-    >>> import jax, jax.numpy as jnp
+    >>> import functools, jax, jax.numpy as jnp
     >>> w = jax.random.normal(jax.random.key(0), (16, 3))
     >>> apply_fn = lambda p, x: jnp.tanh(x.reshape(len(x), -1) @ p)
     >>> x = jax.random.uniform(jax.random.key(1), (2, 4, 4, 1))
     >>> y = jnp.argmax(apply_fn(w, x), axis=-1)
-    >>> out = attribution_attack(apply_fn, w, x, y, epsilon=0.1,
-    ...                          step_size=0.02, num_steps=5, k_top=4,
-    ...                          num_ig_steps=10)
+    >>> attack = jax.jit(functools.partial(          # one compiled program
+    ...     attribution_attack, apply_fn, epsilon=0.1, step_size=0.02,
+    ...     num_steps=5, k_top=4, num_ig_steps=10))
+    >>> out = attack(w, x, y)
     >>> out["kendall_tau"].shape, bool(jnp.all(out["kendall_tau"] <= 1))
     ((2,), True)
   """

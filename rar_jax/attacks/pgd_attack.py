@@ -37,6 +37,28 @@ def check_attack_args(*, epsilon, step_size, num_steps, norm="linf",
   """Raises a ValueError naming the first bad attack hyper-parameter.
 
   Traced values (under `jit`) are not checked; Python numbers are.
+
+  Args:
+    epsilon: radius of the ball (>= 0).
+    step_size: step length (> 0).
+    num_steps: number of steps (int >= 1).
+    norm: one of `NORMS`.
+    clip_min: lower end of the pixel box, or None.
+    clip_max: upper end of the pixel box, or None (> `clip_min`).
+
+  Raises:
+    ValueError: the first argument outside its range, named with its value.
+
+  References:
+    Madry et al., "Towards Deep Learning Models Resistant to Adversarial
+    Attacks", ICLR 2018 (the attack's hyper-parameters).
+
+  Example:
+    >>> check_attack_args(epsilon=0.3, step_size=0.01, num_steps=40)
+    >>> check_attack_args(epsilon=0.3, step_size=0.0, num_steps=40)
+    Traceback (most recent call last):
+      ...
+    ValueError: step_size=0.0 is not accepted; it must be a number > 0.
   """
   if isinstance(epsilon, bool) or (
       _is_concrete(epsilon) and not epsilon >= 0):
@@ -87,6 +109,10 @@ def project(x_adv, inputs, *, epsilon, norm="linf", clip_min=0.0,
   Returns:
     `[N, *S]` projected points.
 
+  References:
+    Madry et al., "Towards Deep Learning Models Resistant to Adversarial
+    Attacks", ICLR 2018 (projected gradient descent).
+
   Example:
     >>> import jax.numpy as jnp
     >>> project(jnp.array([[0.9, -0.5]]), jnp.array([[0.5, 0.0]]),
@@ -129,6 +155,16 @@ def random_start(key, inputs, *, epsilon, norm="linf"):
 
   Returns:
     `[N, *S]` random points.
+
+  References:
+    Madry et al., "Towards Deep Learning Models Resistant to Adversarial
+    Attacks", ICLR 2018 (PGD's random start).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> x0 = random_start(jax.random.key(0), jnp.zeros((2, 3)), epsilon=0.1)
+    >>> x0.shape, bool(jnp.all(jnp.abs(x0) <= 0.1))
+    ((2, 3), True)
   """
   if _is_key_batch(key):
     if key.shape[0] != inputs.shape[0]:

@@ -32,6 +32,16 @@ def epoch_permutation(num_examples: int, *, seed: int,
   Returns:
     int64 [N], a permutation of `range(N)` that depends only on
     (seed, epoch, N).
+
+  References:
+    NumPy, `numpy.random.default_rng` (the generator seeded with the
+    sequence `[seed, epoch]`).
+
+  Example:
+    >>> epoch_permutation(5, seed=0, epoch=0)
+    array([2, 4, 3, 0, 1])
+    >>> epoch_permutation(5, seed=0, epoch=1)
+    array([1, 4, 3, 0, 2])
   """
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
@@ -46,10 +56,6 @@ def batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int,
   Step `s` reads positions `[b*B, (b+1)*B)` of epoch `s // S`'s permutation,
   with `b = s % S` and `S` batches per epoch (`N // B` with
   `drop_remainder`, else `ceil(N / B)`, the last one smaller).
-
-  Example (evaluation, one ordered pass):
-    for inputs, labels in batches(x, y, batch_size=100, shuffle=False,
-                                  num_epochs=1, drop_remainder=False): ...
 
   Args:
     images: [N, ...], any array type that numpy can index.
@@ -71,6 +77,22 @@ def batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int,
   Raises:
     ValueError: N and B disagree (empty data, `B > N` with
       `drop_remainder`), bad sizes, or B not divisible by the device count.
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (the
+    training loop's minibatches, spec Sec. 3.1).
+
+  Example:
+    >>> import numpy as np
+    >>> x, y = np.arange(10), np.arange(10) % 2
+    >>> train = batches(x, y, batch_size=4, seed=0)       # endless, shuffled
+    >>> [next(train)[0] for _ in range(3)]                # 2 batches per epoch
+    [array([4, 6, 2, 7]), array([3, 5, 9, 0]), array([9, 1, 3, 8])]
+    >>> next(batches(x, y, batch_size=4, seed=0, start_step=2))[0]  # resumed
+    array([9, 1, 3, 8])
+    >>> [b for b, _ in batches(x, y, batch_size=4, shuffle=False,  # evaluation
+    ...                        num_epochs=1, drop_remainder=False)]
+    [array([0, 1, 2, 3]), array([4, 5, 6, 7]), array([8, 9])]
   """
   num_examples = len(images)
   if len(labels) != num_examples:
@@ -126,6 +148,17 @@ def shard_batch(batch: Any, *, num_devices: int | None = None,
 
   Raises:
     ValueError: B is not divisible by D * P (the message names both).
+
+  References:
+    JAX documentation, `jax.pmap` (a leading device axis) and
+    multi-process environments (`jax.process_index`, `jax.process_count`).
+
+  Example:
+    >>> import numpy as np
+    >>> shard_batch(np.arange(8), num_devices=2, process_index=1,
+    ...             process_count=2)                   # host 1 of 2
+    array([[4, 5],
+           [6, 7]])
   """
   num_devices = num_devices or jax.local_device_count()
   process_index = (jax.process_index() if process_index is None
@@ -169,6 +202,17 @@ def pad_batch(images: np.ndarray, labels: np.ndarray, *,
 
   Raises:
     ValueError: n > batch_size.
+
+  References:
+    RAR spec Sec. 4.1 (accuracy over every test example, the last partial
+    batch included).
+
+  Example:
+    >>> import numpy as np
+    >>> images, labels, mask = pad_batch(np.ones((3, 2)), np.arange(3),
+    ...                                  batch_size=4)
+    >>> images.shape, labels, mask
+    ((4, 2), array([0, 1, 2, 0]), array([1., 1., 1., 0.], dtype=float32))
   """
   n = len(images)
   if n > batch_size:

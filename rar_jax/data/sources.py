@@ -56,10 +56,6 @@ def load_dataset(name: str, split: str, *, data_dir: str | None = None,
                  download: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """Loads a whole split of a named dataset into host memory.
 
-  Example:
-    images, labels = load_dataset("embedded_mnist", "train")  # [2500,28,28,1]
-    images, labels = load_dataset("npz:/data/gtsrb", "test")  # reads test.npz
-
   Args:
     name: see the module docstring (`DATASET_NAMES`).
     split: "train" or "test" for the embedded, IDX and prepared `.npz`
@@ -82,6 +78,23 @@ def load_dataset(name: str, split: str, *, data_dir: str | None = None,
   Raises:
     ValueError: unknown name or split, or malformed data.
     FileNotFoundError: missing files or an unprepared tfds dataset.
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (spec
+    Sec. 3.2 pixel ranges, Sec. 5 data); TensorFlow Datasets,
+    `tfds.data_source`.
+
+  Example:
+    >>> images, labels = load_dataset("embedded_mnist", "test")
+    >>> images.shape, images.dtype, labels[:4]
+    ((500, 28, 28, 1), dtype('float32'), array([8, 7, 8, 5], dtype=int32))
+    >>> import os, tempfile, numpy as np
+    >>> folder = tempfile.mkdtemp()                     # like prepare.py's
+    >>> np.savez(os.path.join(folder, "test.npz"), labels=np.array([0, 1]),
+    ...          images=np.full((2, 4, 4, 3), 255, np.uint8))
+    >>> images, labels = load_dataset("npz:" + folder, "test")
+    >>> images.shape, float(images.max())              # [0, 255]
+    ((2, 4, 4, 3), 255.0)
   """
   if name == "embedded_mnist":
     images, labels = _embedded_mnist_uint8(split)
@@ -123,6 +136,17 @@ def to_float(images: np.ndarray, *, pixel_max: float) -> np.ndarray:
 
   Returns:
     float32 [N, H, W, C].
+
+  References:
+    The TensorFlow 1.x MNIST reader used by the paper's code (`images *
+    (1.0 / 255.0)`); RAR spec Sec. 3.2 (pixel ranges).
+
+  Example:
+    >>> import numpy as np
+    >>> to_float(np.array([0, 255], np.uint8), pixel_max=1.0)
+    array([0., 1.], dtype=float32)
+    >>> to_float(np.array([0, 255], np.uint8), pixel_max=255.0)
+    array([  0., 255.], dtype=float32)
   """
   if not np.issubdtype(images.dtype, np.integer):
     return images.astype(np.float32)
@@ -145,6 +169,16 @@ def load_embedded_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
 
   Raises:
     ValueError: unknown split.
+
+  References:
+    LeCun, Bottou, Bengio, Haffner, "Gradient-Based Learning Applied to
+    Document Recognition", Proc. IEEE 1998 (MNIST); `rar_jax/data/README.md`
+    (the sample's provenance).
+
+  Example:
+    >>> images, labels = load_embedded_mnist("train")
+    >>> images.shape, float(images.max()), labels[:4]
+    ((2500, 28, 28, 1), 1.0, array([3, 8, 1, 0], dtype=int32))
   """
   images, labels = _embedded_mnist_uint8(split)
   return to_float(images, pixel_max=_UNIT), labels
@@ -184,6 +218,20 @@ def load_npz(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   Raises:
     FileNotFoundError: no such file.
     ValueError: none of the accepted key pairs, or mismatched lengths.
+
+  References:
+    NumPy, `numpy.savez` (the `.npz` format); Keras, `mnist.npz` of
+    `keras.datasets.mnist.load_data`.
+
+  Example:
+    >>> import os, tempfile, numpy as np
+    >>> path = os.path.join(tempfile.mkdtemp(), "mnist.npz")
+    >>> np.savez(path, x_train=np.zeros((3, 28, 28), np.uint8),
+    ...          y_train=np.array([5, 0, 4]), x_test=np.zeros((1, 28, 28)),
+    ...          y_test=np.array([7]))
+    >>> images, labels = load_npz(path, "train")
+    >>> images.shape, labels
+    ((3, 28, 28, 1), array([5, 0, 4], dtype=int32))
   """
   file = pathlib.Path(path)
   if file.is_dir():
@@ -214,6 +262,19 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 
   Raises:
     ValueError: malformed header or size.
+
+  References:
+    LeCun, Cortes, Burges, "The MNIST database of handwritten digits" (the
+    IDX file format).
+
+  Example:
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "labels-idx1-ubyte")
+    >>> with open(path, "wb") as f:   # magic: 0, 0, type 8 (uint8), 1 dim
+    ...   _ = f.write(bytes([0, 0, 8, 1]) + (3).to_bytes(4, "big")
+    ...               + bytes([7, 2, 1]))
+    >>> read_idx(path)
+    array([7, 2, 1], dtype=uint8)
   """
   opener = gzip.open if str(path).endswith(".gz") else open
   with opener(path, "rb") as f:
@@ -255,6 +316,25 @@ def load_idx(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   Raises:
     ValueError: unknown split or malformed files.
     FileNotFoundError: a file is missing.
+
+  References:
+    LeCun, Cortes, Burges, "The MNIST database of handwritten digits";
+    Xiao, Rasul, Vollgraf, "Fashion-MNIST: a Novel Image Dataset for
+    Benchmarking Machine Learning Algorithms", arXiv 2017 (same files).
+
+  Example:
+    >>> import os, tempfile, numpy as np
+    >>> folder = tempfile.mkdtemp()
+    >>> def write_idx(name, array):                     # uint8 IDX file
+    ...   header = bytes([0, 0, 8, array.ndim]) + b"".join(
+    ...       d.to_bytes(4, "big") for d in array.shape)
+    ...   with open(os.path.join(folder, name), "wb") as f:
+    ...     _ = f.write(header + array.astype(np.uint8).tobytes())
+    >>> write_idx("t10k-images-idx3-ubyte", np.zeros((2, 28, 28)))
+    >>> write_idx("t10k-labels-idx1-ubyte", np.array([3, 5]))
+    >>> images, labels = load_idx(folder, "test")
+    >>> images.shape, labels
+    ((2, 28, 28, 1), array([3, 5], dtype=int32))
   """
   if split not in _IDX_FILES:
     raise ValueError(
@@ -298,6 +378,22 @@ def load_image_folder(
   Raises:
     FileNotFoundError: `directory` does not exist or holds no images.
     ValueError: images of different sizes and no `image_size`.
+
+  References:
+    Stallkamp, Schlipsing, Salmen, Igel, "Man vs. computer: Benchmarking
+    machine learning algorithms for traffic sign recognition", Neural
+    Networks 2012 (GTSRB's class folders of PPM images).
+
+  Example:
+    >>> import os, tempfile, numpy as np
+    >>> root = tempfile.mkdtemp()
+    >>> for name in ("cat", "dog"):                     # classes 0 and 1
+    ...   os.makedirs(os.path.join(root, name))
+    ...   np.save(os.path.join(root, name, "0.npy"),
+    ...           np.zeros((4, 4, 3), np.uint8))
+    >>> images, labels = load_image_folder(root)
+    >>> images.shape, labels
+    ((2, 4, 4, 3), array([0, 1], dtype=int32))
   """
   root = pathlib.Path(directory)
   if split is not None and (root / split).is_dir():
@@ -343,6 +439,17 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
 
   Raises:
     ImportError: the format needs Pillow and it is not installed.
+
+  References:
+    Netpbm, the PGM and PPM format specifications; Pillow, `Image.open`.
+
+  Example:
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "image.pgm")
+    >>> with open(path, "wb") as f:                     # 2 x 1 binary PGM
+    ...   _ = f.write(b"P5 2 1 255 " + bytes([0, 255]))
+    >>> read_image(path)[..., 0]
+    array([[  0, 255]], dtype=uint8)
   """
   path = pathlib.Path(path)
   suffix = path.suffix.lower()
@@ -413,6 +520,16 @@ def resize_images(images: np.ndarray,
 
   Raises:
     ValueError: images are not uint8.
+
+  References:
+    Pillow, `Image.resize` with `Resampling.LANCZOS` (formerly `ANTIALIAS`);
+    RAR spec Sec. 5.3 (Flower images resized to 128x128).
+
+  Example:
+    >>> import numpy as np
+    >>> resize_images(np.full((1, 4, 4, 1), 200, np.uint8), (2, 2))[..., 0]
+    array([[[200, 200],
+            [200, 200]]], dtype=uint8)
   """
   height, width = image_size
   if images.shape[1:3] == (height, width):
