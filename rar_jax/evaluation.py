@@ -36,7 +36,6 @@ import functools
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Optional, Sequence
 
@@ -79,41 +78,8 @@ _num_devices = train._num_devices  # pylint: disable=protected-access
 _process_slice = train._process_slice  # pylint: disable=protected-access
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be read, or that does not fit the config."""
-
-
-# --- Checkpoints. -------------------------------------------------------------
-
-
-def _saved_steps(directory: str) -> list[int]:
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(n) for n in os.listdir(directory)
-                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
-
-
-def _drop_closed_loop_noise() -> None:
-  """Silences the tracebacks orbax's threads print after a failed restore.
-
-  When a restore fails, tensorstore callbacks still running in background
-  threads try to post to orbax's already closed asyncio loop; each prints a
-  harmless "RuntimeError: Event loop is closed" through `sys.unraisablehook`,
-  after the real error has been raised. Only those are dropped.
-  """
-  previous = sys.unraisablehook
-  if getattr(previous, "drops_closed_loop_noise", False):
-    return
-
-  def hook(unraisable):
-    error = unraisable.exc_value
-    if isinstance(error, RuntimeError) and str(error) == (
-        "Event loop is closed"):
-      return
-    previous(unraisable)
-
-  hook.drops_closed_loop_noise = True
-  sys.unraisablehook = hook
+CheckpointError = train.CheckpointError
+_drop_closed_loop_noise = train._drop_closed_loop_noise  # pylint: disable=protected-access
 
 
 def restore_params(workdir: str, *, step: Optional[int] = None):
@@ -134,7 +100,7 @@ def restore_params(workdir: str, *, step: Optional[int] = None):
       message names the step folder and the other saved steps).
   """
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  steps = _saved_steps(directory)
+  steps = train.saved_steps(directory)
   if not steps:
     where = (f"{directory} holds no saved step" if os.path.isdir(directory)
              else f"{directory} does not exist")
@@ -151,14 +117,12 @@ def restore_params(workdir: str, *, step: Optional[int] = None):
     # Orbax and tensorstore raise ValueError, OSError, JSONDecodeError and
     # others for damaged files: one error that names the folder instead.
     _drop_closed_loop_noise()
-    reason = " ".join(str(err).split())
-    reason = reason[:300] + (" ..." if len(reason) > 300 else "")
     others = [s for s in steps if s != step]
     hint = (f"other saved steps: {others} (evaluate one with --step=STEP)"
             if others else "no other step is saved; retrain")
     raise CheckpointError(
         f"Cannot restore the checkpoint {os.path.join(directory, str(step))}"
-        f": it is corrupt or incomplete ({type(err).__name__}: {reason}); "
+        f": it is corrupt or incomplete ({train._short(err)}); "  # pylint: disable=protected-access
         f"{hint}.") from err
 
 
@@ -761,11 +725,7 @@ def evaluate_checkpoint(config, workdir: str,
   checkpoint = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
   check_params(params, config, images.shape[1:],
                source=f"the checkpoint {checkpoint}")
-  if len(labels) and (labels.min() < 0
-                      or labels.max() >= config.dataset.num_classes):
-    raise ValueError(
-        f"The test labels of {config.dataset.name!r} span [{labels.min()}, "
-        f"{labels.max()}], outside [0, {config.dataset.num_classes}).")
+  train.check_data(images, labels, config, split=config.dataset.test_split)
   _, apply_fn, surrogate_apply_fn = models.make_apply_fns(
       config.model.name, num_classes=config.dataset.num_classes,
       activation=config.model.activation)

@@ -59,8 +59,8 @@ def _bytes_field(number: int, data: bytes) -> bytes:
 
 
 def encode_event(*, wall_time: float, step: int = 0, file_version=None,
-                 scalars=()) -> bytes:
-  """Serialises an `Event` with either a file version or scalar summaries."""
+                 scalars=(), session_start=False) -> bytes:
+  """Serialises an `Event`: a file version, scalar summaries or a restart."""
   out = _field(1, 1, struct.pack("<d", wall_time))     # double wall_time = 1
   out += _field(2, 0, _varint(int(step)))               # int64 step = 2
   if file_version is not None:                          # string file_version = 3
@@ -71,6 +71,8 @@ def encode_event(*, wall_time: float, step: int = 0, file_version=None,
                      + _field(2, 5, struct.pack("<f", float(value))))
         for tag, value in scalars)                      # Value.simple_value = 2
     out += _bytes_field(5, values)                      # Summary summary = 5
+  if session_start:                                     # SessionLog session_log = 7
+    out += _bytes_field(7, _field(1, 0, _varint(1)))    # status = START (1)
   return out
 
 
@@ -114,6 +116,16 @@ class SummaryWriter:
     """Writes several `{tag: value}` scalars for one step."""
     self._file.write(tfrecord(encode_event(
         wall_time=time.time(), step=step, scalars=sorted(values.items()))))
+
+  def session_start(self, step: int):
+    """Marks a restart at `step`: TensorBoard drops earlier points >= step.
+
+    A run resumed from a checkpoint at step S calls this with S + 1, so the
+    points an interrupted run logged after its last checkpoint (and that the
+    resumed run logs again) are shown once.
+    """
+    self._file.write(tfrecord(encode_event(
+        wall_time=time.time(), step=step, session_start=True)))
 
   def scalar(self, tag: str, value: float, step: int):
     self.scalars({tag: value}, step)

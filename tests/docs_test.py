@@ -8,7 +8,7 @@ import pytest
 MODULES = [
     "rar_jax.attribution", "rar_jax.metrics", "rar_jax.objectives",
     "rar_jax.attacks.pgd_attack", "rar_jax.attacks.attribution_attack",
-    "rar_jax.summary",
+    "rar_jax.summary", "rar_jax.checks",
 ]
 
 

@@ -190,40 +190,4 @@ def test_learning_rate_schedule_is_piecewise_constant():
   assert train.learning_rate_schedule(quickstart.get_config().optimizer) == 2e-3
 
 
-def test_non_finite_loss_stops_with_the_step_and_term(tmp_path):
-  images = np.full((16, 28, 28, 1), np.nan, np.float32)
-  labels = np.zeros(16, np.int64)
-  np.savez(tmp_path / "train.npz", images=images, labels=labels)
-  np.savez(tmp_path / "test.npz", images=images, labels=labels)
-  config = quickstart.get_config("smoke")
-  config.dataset.name = f"npz:{tmp_path}"
-  with pytest.raises(train.NonFiniteError,
-                     match=r"Non-finite .*loss.* at step 1 .*'ig_norm'"):
-    train.train_and_evaluate(config, str(tmp_path / "wd"))
-
-
-@pytest.mark.parametrize("change, match", [
-    (dict(batch_size=6), r"batch_size=6 is not divisible by the number of "
-     r"devices 4"),
-    (dict(parallel="pjit"), r"parallel='pjit'; accepted: pmap, shard_map"),
-    (dict(dataset_name="mnistt"), r"Unknown dataset name 'mnistt'"),
-    (dict(model_name="resnet"), r"'resnet'"),
-    (dict(objective_name="ig"), r"Unknown objective 'ig'"),
-    (dict(dataset_name="npz:/does/not/exist"), r"/does/not/exist"),
-    (dict(num_devices=9), r"num_devices=9 .* 4 local devices"),
-    (dict(epsilon=-1.0), r"epsilon=-1.0"),
-    (dict(num_train_steps=0), r"num_train_steps=0"),
-])
-def test_bad_configs_fail_before_compiling(tmp_path, change, match):
-  config = quickstart.get_config("smoke")
-  for key, value in change.items():
-    section, _, field = key.partition("_")
-    if key in ("dataset_name", "model_name", "objective_name"):
-      config[section][field] = value
-    elif key == "epsilon":
-      config.objective.epsilon = value
-    else:
-      config[key] = value
-  with pytest.raises((ValueError, FileNotFoundError), match=match):
-    train.train_and_evaluate(config, str(tmp_path / "wd"))
-  assert not os.path.exists(tmp_path / "wd" / "checkpoints")
+# Bad configs, bad data and non-finite steps: tests/reliability_test.py.

@@ -27,6 +27,7 @@ import gzip
 import os
 import pathlib
 from typing import Any
+import zipfile
 
 import numpy as np
 
@@ -183,7 +184,8 @@ def load_npz(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
   Raises:
     FileNotFoundError: no such file.
-    ValueError: none of the accepted key pairs, or mismatched lengths.
+    ValueError: not a readable .npz archive, none of the accepted key pairs,
+      or mismatched lengths.
   """
   file = pathlib.Path(path)
   if file.is_dir():
@@ -192,12 +194,24 @@ def load_npz(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     raise FileNotFoundError(
         f"No .npz file at {str(file)!r}; pass npz:FILE or npz:DIR where DIR "
         f"holds {split}.npz.")
-  with np.load(file, allow_pickle=False) as data:
-    keys = set(data.files)
-    for image_key, label_key in ((f"x_{split}", f"y_{split}"),
-                                 ("images", "labels")):
-      if {image_key, label_key} <= keys:
-        return _check(data[image_key], data[label_key], source=str(file))
+  try:
+    with np.load(file, allow_pickle=False) as data:
+      keys = set(data.files)
+      for image_key, label_key in ((f"x_{split}", f"y_{split}"),
+                                   ("images", "labels")):
+        if {image_key, label_key} <= keys:
+          pair = data[image_key], data[label_key]
+          break
+      else:
+        pair = None
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    raise ValueError(
+        f"{str(file)!r} cannot be read as a .npz file ({type(err).__name__}: "
+        f"{err}); accepted: a NumPy .npz archive (np.savez) with "
+        f"'images'/'labels' or 'x_{split}'/'y_{split}' arrays, no pickled "
+        "objects.") from err
+  if pair is not None:
+    return _check(*pair, source=str(file))
   raise ValueError(
       f"{str(file)!r} has keys {sorted(keys)}; accepted: 'images'/'labels' or "
       f"'x_{split}'/'y_{split}'.")
