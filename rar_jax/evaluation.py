@@ -612,6 +612,60 @@ def plot_saliency(examples, path: str, *, title: str, saliency: str = "ig",
   fig.savefig(path)
 
 
+def plot_comparison(runs, path: str, *, title: str, max_rows: int = 4,
+                    pixel_max: float = 1.0) -> int:
+  """Several models' maps on the same test images, before and after attack.
+
+  Args:
+    runs: `(label, figure_examples)` pairs, `figure_examples` as saved by
+      `evaluate_checkpoint` in `figure_examples.npz` (`index`, `image`,
+      `saliency`, `adv_saliency`, `topk_intersection`, `kendall_tau`).
+    path: the PNG to write.
+    title: the figure's title.
+    max_rows: at most this many test images: the first ones that every run
+      attacked (correctly classified by every model).
+    pixel_max: the upper end of the pixel range (to display images).
+
+  Returns:
+    The number of rows drawn (0 when no image is common to all runs; the
+    figure then says so).
+  """
+  common = sorted(set.intersection(*(
+      {int(i) for i in ex["index"]} for _, ex in runs)))[:max_rows]
+  cols = 1 + 2 * len(runs)
+  fig = _figure(1.6 * cols, 1.9 * max(len(common), 1) + 0.7)
+  fig.suptitle(title)
+  if not common:
+    ax = fig.subplots()
+    ax.axis("off")
+    ax.text(0.5, 0.5, "No test image was attacked in every run.",
+            ha="center", va="center")
+  else:
+    axes = fig.subplots(len(common), cols, squeeze=False)
+    for r, index in enumerate(common):
+      for c, (label, ex) in enumerate(runs):
+        i = [int(j) for j in ex["index"]].index(index)
+        if c == 0:
+          _show_image(axes[r, 0], ex["image"][i], pixel_max)
+          axes[r, 0].set_title(f"test #{index}", fontsize=8)
+        maps = (ex["saliency"][i], ex["adv_saliency"][i])
+        vmax = max(float(np.max(m)) for m in maps) or 1.0
+        axes[r, 1 + 2 * c].imshow(maps[0], cmap="inferno", vmin=0.0,
+                                  vmax=vmax)
+        axes[r, 1 + 2 * c].set_title(f"{label}\nclean", fontsize=8)
+        axes[r, 2 + 2 * c].imshow(maps[1], cmap="inferno", vmin=0.0,
+                                  vmax=vmax)
+        axes[r, 2 + 2 * c].set_title(
+            f"attacked: IN {100 * float(ex['topk_intersection'][i]):.0f}%\n"
+            f"τ {float(ex['kendall_tau'][i]):.2f}", fontsize=8)
+    for ax in axes.flat:
+      ax.set_xticks([])
+      ax.set_yticks([])
+  fig.tight_layout()
+  fig.savefig(path)
+  return len(common)
+
+
 def plot_kendall_histogram(per_example, path: str, *, title: str) -> None:
   """Histogram of Kendall's tau over the correctly classified examples.
 
@@ -721,7 +775,7 @@ def evaluate_checkpoint(config, workdir: str,
   _warn_if_trained_differently(config, workdir)
   images, labels = data_lib.load_dataset(
       config.dataset.name, config.dataset.test_split,
-      data_dir=config.dataset.data_dir)
+      data_dir=config.dataset.data_dir, pixel_max=config.dataset.pixel_max)
   checkpoint = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
   check_params(params, config, images.shape[1:],
                source=f"the checkpoint {checkpoint}")
@@ -777,6 +831,9 @@ def evaluate_checkpoint(config, workdir: str,
     write_table([results], os.path.join(output_dir, "results"))
     np.savez(os.path.join(output_dir, "per_example.npz"), **per_example)
     if figures:
+      # The figure's data, for comparisons across models (combine.py).
+      np.savez(os.path.join(output_dir, "figure_examples.npz"),
+               **{k: np.asarray(v) for k, v in examples.items()})
       title = f"{results['dataset']} {results['method']} (step {step})"
       plot_saliency(examples, os.path.join(output_dir, "figure_saliency.png"),
                     title=title, saliency=config.attack.saliency,
@@ -794,6 +851,6 @@ __all__ = [
     "check_params", "attack_settings", "validate_eval_config",
     "dataset_label", "method_label", "attack_step", "pgd_restarts_step",
     "accuracies", "attribution_robustness", "summarize", "table_row",
-    "write_table", "plot_saliency", "plot_kendall_histogram",
+    "write_table", "plot_saliency", "plot_comparison", "plot_kendall_histogram",
     "evaluate_checkpoint",
 ]

@@ -15,7 +15,7 @@ Config fields (see `default_config` for defaults):
   seed, batch_size (global), num_train_steps, log_every_steps,
   eval_every_steps, checkpoint_every_steps, max_checkpoints_to_keep,
   parallel ("pmap" | "shard_map"), num_devices (None: all local devices),
-  dataset.{name, data_dir, train_split, test_split, num_classes},
+  dataset.{name, data_dir, train_split, test_split, num_classes, pixel_max},
   model.{name, activation},
   objective.{name, epsilon, step_size, num_steps, m, approx_factor, lam,
              gamma, clip_min, clip_max, reduction},
@@ -81,6 +81,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset.train_split = "train"
   c.dataset.test_split = "test"
   c.dataset.num_classes = 10
+  # Integer pixels 0..255 are scaled to [0, pixel_max]; None: the source's
+  # default (rar_jax.data: [0, 1] for MNIST sources, [0, 255] for the rest).
+  c.dataset.pixel_max = ml_collections.FieldReference(None, field_type=float)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "small_cnn"
@@ -475,9 +478,12 @@ def _restore(workdir, config, target):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
   steps = saved_steps(directory)
+  if not steps:
+    return None
   failures = []
-  with ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True)) as mgr:
+  # The trainer's own manager (a read-only one logs warnings); a fresh one is
+  # made after this, as the steps may have changed.
+  with _checkpoint_manager(workdir, config) as mgr:
     for step in reversed(steps):
       try:
         state = mgr.restore(step, args=ocp.args.StandardRestore(target))
@@ -488,8 +494,6 @@ def _restore(workdir, config, target):
         _drop_closed_loop_noise()
         failures.append((step, _short(err)))
     else:
-      if not steps:
-        return None
       raise CheckpointError(
           f"None of the checkpoints in {directory} can be restored: "
           + "; ".join(f"step {s}: {r}" for s, r in failures)
@@ -807,10 +811,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   parallel = _Parallel(config.parallel, num_devices)
   train_x, train_y = data_lib.load_dataset(
       config.dataset.name, config.dataset.train_split,
-      data_dir=config.dataset.data_dir)
+      data_dir=config.dataset.data_dir, pixel_max=config.dataset.pixel_max)
   test_x, test_y = data_lib.load_dataset(
       config.dataset.name, config.dataset.test_split,
-      data_dir=config.dataset.data_dir)
+      data_dir=config.dataset.data_dir, pixel_max=config.dataset.pixel_max)
   check_data(train_x, train_y, config, split=config.dataset.train_split)
   check_data(test_x, test_y, config, split=config.dataset.test_split)
   if len(train_y) < config.batch_size:

@@ -168,6 +168,28 @@ def test_all_sixteen_paper_presets_are_valid():
     paper.get_config("mnist,trade")
 
 
+def test_mnist_cpu_presets_keep_the_paper_objectives_and_evaluation():
+  from experiments.configs import mnist_cpu  # pylint: disable=g-import-not-at-top
+  for method in paper.METHODS:
+    config = mnist_cpu.get_config(method)
+    config.num_devices = 2   # a batch of 50 does not split in 4
+    train.validate_config(config)
+    reference = paper.get_config(f"mnist,{method}")
+    for key in ("name", "epsilon", "lam", "reduction", "clip_min",
+                "clip_max"):
+      assert config.objective[key] == reference.objective[key], key
+    assert config.batch_size == 50
+    assert (config.eval.pgd_epsilon, config.eval.pgd_num_steps,
+            config.eval.pgd_step_size) == (0.3, 40, 0.01)
+    assert (config.attack.k_top, config.attack.eval_k,
+            config.attack.step_size) == (200, 100, 0.01)
+    assert config.dataset.name.endswith("mnist_10k.npz")
+    assert (config.dataset.train_split, config.dataset.test_split) == (
+        "train[:8000]", "train[8000:]")
+  with pytest.raises(ValueError, match="Unknown mnist_cpu preset 'trades'"):
+    mnist_cpu.get_config("trades")
+
+
 def test_gtsrb_smoke_trains_on_prepared_npz_data(tmp_path):
   rng = np.random.default_rng(0)
   for split, n in (("train", 16), ("test", 8)):

@@ -26,6 +26,7 @@ References:
 import gzip
 import os
 import pathlib
+import re
 from typing import Any
 import zipfile
 
@@ -64,7 +65,9 @@ def load_dataset(name: str, split: str, *, data_dir: str | None = None,
   Args:
     name: see the module docstring (`DATASET_NAMES`).
     split: "train" or "test" for the embedded, IDX and prepared `.npz`
-      sources; any tfds split string (e.g. "train[5000:]": 55,000 images, as
+      sources, optionally with rows, "train[:8000]", "train[8000:]" (a
+      `.npz` file with `images`/`labels` is one split whatever the name, so
+      rows split it in two); any tfds split string (e.g. "train[5000:]": 55,000 images, as
       many as the paper trains on, though not the same ones) for tfds
       datasets.
     data_dir: tfds data folder (None: tfds' default, `$TFDS_DATA_DIR` or
@@ -84,6 +87,9 @@ def load_dataset(name: str, split: str, *, data_dir: str | None = None,
     ValueError: unknown name or split, or malformed data.
     FileNotFoundError: missing files or an unprepared tfds dataset.
   """
+  rows = slice(None)
+  if not (name in _TFDS_DATASETS or name.startswith("tfds:")):
+    split, rows = _split_rows(split)   # tfds slices splits itself
   if name == "embedded_mnist":
     images, labels = _embedded_mnist_uint8(split)
     default_max = _UNIT
@@ -109,10 +115,28 @@ def load_dataset(name: str, split: str, *, data_dir: str | None = None,
     raise ValueError(
         f"Unknown dataset name {name!r}; accepted: {list(DATASET_NAMES)} "
         "(PATH/DIR/NAME after a prefix).")
+  images, labels = images[rows], labels[rows]
   if image_size is not None:
     images = resize_images(images, image_size)
   return to_float(images, pixel_max=default_max if pixel_max is None
                   else pixel_max), labels
+
+
+_ROWS = re.compile(r"^([\w-]+)\[(-?\d*):(-?\d*)\]$")
+
+
+def _split_rows(split: str) -> tuple[str, slice]:
+  """"train[:8000]" -> ("train", slice(None, 8000)); "test" -> all rows."""
+  match = _ROWS.match(split)
+  if match is None:
+    if "[" in split:
+      raise ValueError(
+          f"split={split!r} is not accepted; accepted: NAME or NAME[START:STOP]"
+          " with integer rows (e.g. 'train[:8000]', 'train[8000:]').")
+    return split, slice(None)
+  base, start, stop = match.groups()
+  return base, slice(int(start) if start else None,
+                     int(stop) if stop else None)
 
 
 def to_float(images: np.ndarray, *, pixel_max: float) -> np.ndarray:
