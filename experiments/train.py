@@ -50,6 +50,8 @@ class _OwnInfoOnly:
   """Shows INFO lines of rar_jax and this binary; libraries' from WARNING up."""
 
   def filter(self, record):
+    if record.getMessage().startswith("Given directory is read only"):
+      return False   # orbax, on every read-only restore: nothing to act on
     return (record.levelno >= pylogging.WARNING
             or "rar_jax" in record.pathname or "experiments" in record.pathname)
 

@@ -536,8 +536,10 @@ def latest_checkpoint(workdir: str, step=None):
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"No checkpoints in {workdir}: {directory} does "
                             "not exist. Train first, or check --workdir.")
-  with ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True)) as mgr:
+  # Read-only, so that reading a run in progress never touches its files.
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                         save_interval_steps=0)
+  with ocp.CheckpointManager(directory, options=options) as mgr:
     steps = mgr.all_steps()
     step = mgr.latest_step() if step is None else step
     if step is None or step not in steps:
