@@ -7,8 +7,8 @@
 #   bash experiments/reproduce_mnist.sh [RUNS_DIR]     # default runs/mnist_cpu
 #
 # Needs ../shared/data/mnist_10k.npz beside the repository (or pass
-# --config.dataset.name=npz:PATH through EXTRA_FLAGS="..."). Rerunning resumes
-# unfinished trainings and re-evaluates. Writes RUNS_DIR/{METHOD}/ (training
+# --config.dataset.name=npz:PATH through EXTRA_FLAGS="..."). Rerunning skips
+# the methods already evaluated and resumes unfinished trainings. Writes RUNS_DIR/{METHOD}/ (training
 # and evaluation outputs), RUNS_DIR/table.md|csv, RUNS_DIR/table_saliency.png
 # and RUNS_DIR/timing.txt (wall seconds per phase).
 set -euo pipefail
@@ -17,10 +17,13 @@ RUNS="${1:-runs/mnist_cpu}"
 EXTRA_FLAGS="${EXTRA_FLAGS:-}"
 METHODS=(natural madry ig_norm ig_sum_norm)
 mkdir -p "$RUNS"
-: > "$RUNS/timing.txt"
 start_all=$(date +%s)
 for m in "${METHODS[@]}"; do
   config="experiments/configs/mnist_cpu.py:$m"
+  if [[ -f "$RUNS/$m/results.json" ]]; then
+    echo "$m: already evaluated ($RUNS/$m/results.json; delete it to redo)" | tee -a "$RUNS/timing.txt"
+    continue
+  fi
   t0=$(date +%s)
   # shellcheck disable=SC2086
   python experiments/train.py --config="$config" --workdir="$RUNS/$m" $EXTRA_FLAGS

@@ -18,7 +18,7 @@ Config fields (see `default_config` for defaults):
   dataset.{name, data_dir, train_split, test_split, num_classes, pixel_max},
   model.{name, activation},
   objective.{name, epsilon, step_size, num_steps, m, approx_factor, lam,
-             gamma, clip_min, clip_max, reduction},
+             gamma, clip_min, clip_max, reduction, epsilon_warmup_steps},
   optimizer.{name ("adam" | "sgd"), learning_rate, lr_boundaries,
              lr_values, momentum, weight_decay},
   eval.{num_examples, batch_size, pgd_num_examples, pgd_epsilon,
@@ -101,6 +101,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.objective.clip_min = ml_collections.FieldReference(0.0, field_type=float)
   c.objective.clip_max = ml_collections.FieldReference(1.0, field_type=float)
   c.objective.reduction = "sum"
+  c.objective.epsilon_warmup_steps = 0   # 0: the paper (see train_step)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"
@@ -195,6 +196,10 @@ def validate_config(config) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"{field}={value!r} is not accepted; it must be an "
                        "int >= 1.")
+  warmup = config.objective.epsilon_warmup_steps
+  if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+    raise ValueError(f"objective.epsilon_warmup_steps={warmup!r} is not "
+                     "accepted; it must be an int >= 0 (0: no warm-up).")
   check_divisible("batch_size", config.batch_size, config)
   check_divisible("eval.batch_size", config.eval.batch_size, config)
 
@@ -222,7 +227,7 @@ def _num_devices(config) -> int:
 
 
 def train_step(state, inputs, labels, keys, *, apply_fn, objective, hyper, tx,
-               weight_decay=0.0):
+               weight_decay=0.0, epsilon_warmup_steps=0):
   """One optimiser step on this device's shard of the global batch.
 
   Args:
@@ -238,6 +243,10 @@ def train_step(state, inputs, labels, keys, *, apply_fn, objective, hyper, tx,
     weight_decay: adds `weight_decay * W` to the gradient of every kernel
       (the gradient of `weight_decay * sum 1/2 ||W||^2`), once, after the
       collective.
+    epsilon_warmup_steps: 0 (the paper), or grow the threat radius linearly
+      from epsilon / epsilon_warmup_steps at the first step to `epsilon` at
+      step epsilon_warmup_steps and after (a remedy for adversarial training
+      that stalls at chance accuracy on a short budget; not in the paper).
 
   Returns:
     `(new_state, sums)` with `sums` the batch sums of the logged terms over
@@ -245,6 +254,9 @@ def train_step(state, inputs, labels, keys, *, apply_fn, objective, hyper, tx,
     and `nonfinite_params` (the number of non-finite updated parameters).
   """
   keys = jax.random.wrap_key_data(keys)
+  if epsilon_warmup_steps:
+    ramp = jnp.minimum(1.0, (state["step"] + 1) / epsilon_warmup_steps)
+    hyper = dict(hyper, epsilon=hyper["epsilon"] * ramp)
 
   def loss_fn(params):
     return objectives.loss(objective, apply_fn, params, inputs, labels,
@@ -853,7 +865,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   p_train_step = parallel.compile(
       functools.partial(train_step, apply_fn=apply_fn,
                         objective=config.objective.name, hyper=hyper, tx=tx,
-                        weight_decay=config.optimizer.weight_decay),
+                        weight_decay=config.optimizer.weight_decay,
+                        epsilon_warmup_steps=config.objective.
+                        epsilon_warmup_steps),
       num_replicated=1, donate_state=True)
   p_state = parallel.replicate(state)
 
