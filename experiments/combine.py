@@ -8,12 +8,17 @@ Each entry is a folder holding the results.json of experiments/evaluate.py
 (its --workdir, or its --output), or the path of a results.json. One row per
 entry, in the given order, in the paper's layout: Dataset | Method | NA | AA |
 IN | CO (NA, AA, IN in percent, CO = Kendall's tau). Prints the Markdown table.
+
+With --figure, also OUTPUT_saliency.png: the runs' IG maps before and after
+the attack on the same test images (from each run's figure_examples.npz).
 """
 
 import argparse
 import json
 import os
 import sys
+
+import numpy as np
 from typing import Optional, Sequence
 
 # Make the repository importable when this file is run as a script.
@@ -54,6 +59,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[str]:
   parser.add_argument("--output", required=True,
                       help="path prefix of the table: writes OUTPUT.md and "
                       "OUTPUT.csv")
+  parser.add_argument("--figure", action="store_true",
+                      help="also write OUTPUT_saliency.png comparing the "
+                      "runs' maps on the same test images")
   args = parser.parse_args(argv)
   workdirs = [w.strip() for w in args.workdirs.split(",") if w.strip()]
   if not workdirs:
@@ -68,6 +76,23 @@ def main(argv: Optional[Sequence[str]] = None) -> list[str]:
   paths = evaluation.write_table(results, prefix)
   with open(paths[0]) as f:
     print(f.read(), end="")
+  if args.figure:
+    runs = []
+    for workdir, result in zip(workdirs, results):
+      folder = os.path.dirname(workdir) if workdir.endswith(".json") else (
+          workdir)
+      file = os.path.join(folder, "figure_examples.npz")
+      if not os.path.isfile(file):
+        sys.exit(f"combine.py: error: {file} does not exist; rerun "
+                 "experiments/evaluate.py with --figures for that run.")
+      with np.load(file) as data:
+        runs.append((result["method"], dict(data)))
+    paths.append(prefix + "_saliency.png")
+    pixel_max = results[0]["config"]["objective"]["clip_max"] or 1.0
+    evaluation.plot_comparison(
+        runs, paths[-1], pixel_max=pixel_max,
+        title=f"{results[0]['dataset']}: IG maps before and after the top-k "
+        f"attack (ε = {results[0]['attack']['epsilon']:g})")
   return paths
 
 

@@ -7,6 +7,11 @@ r"""Trains a model with one of the paper's objectives (absl binary).
 
 Rerunning with the same --workdir resumes from its last checkpoint. Prints the
 final metrics as JSON on stdout (also in WORKDIR/final_metrics.json).
+
+SIGTERM or Ctrl-C saves a checkpoint after the running step and exits with
+status 128 + the signal's number (143, 130); a second Ctrl-C stops at once.
+A missing path, unreadable checkpoints or a non-finite loss end with a
+one-line error (status 1) that says what to do.
 """
 
 import json
@@ -45,6 +50,8 @@ class _OwnInfoOnly:
   """Shows INFO lines of rar_jax and this binary; libraries' from WARNING up."""
 
   def filter(self, record):
+    if record.getMessage().startswith("Given directory is read only"):
+      return False   # orbax, on every read-only restore: nothing to act on
     return (record.levelno >= pylogging.WARNING
             or "rar_jax" in record.pathname or "experiments" in record.pathname)
 
@@ -67,7 +74,16 @@ def main(argv):
     jax.distributed.initialize()
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(),
                jax.process_index(), jax.process_count())
-  final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train.Interrupted as err:
+    # SIGTERM / Ctrl-C: a checkpoint was saved; exit as the signal would.
+    logging.warning("%s", err)
+    sys.exit(128 + err.signum)
+  except (FileNotFoundError, train.CheckpointError,
+          train.NonFiniteError) as err:
+    # The message says what to do; a library traceback would not help.
+    sys.exit(f"train.py: error: {err}")
   if jax.process_index() == 0:
     print(json.dumps(final, indent=2, sort_keys=True))
 

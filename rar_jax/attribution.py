@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rar_jax import checks
+
 Array = jax.Array
 
 METHODS = ("riemann_right", "riemann_left", "riemann_middle",
@@ -113,12 +115,13 @@ def path_points(method: str, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_per_example_fn(f, inputs, name="f"):
-  out = jax.eval_shape(f, inputs)
-  n = inputs.shape[0]
+  out = jax.eval_shape(f, jax.ShapeDtypeStruct(np.shape(inputs),
+                                               jnp.result_type(inputs)))
+  n = np.shape(inputs)[0]
   if not hasattr(out, "shape") or tuple(out.shape) != (n,):
     got = getattr(out, "shape", type(out).__name__)
     raise ValueError(
-        f"{name} must map inputs of shape [N, ...] = {tuple(inputs.shape)} to "
+        f"{name} must map inputs of shape [N, ...] = {tuple(np.shape(inputs))} to "
         f"per-example scalars of shape [N] = ({n},); it returned shape {got}. "
         "Select one output per example, e.g. the logit of the label.")
   if not jnp.issubdtype(out.dtype, jnp.floating):
@@ -128,14 +131,17 @@ def _check_per_example_fn(f, inputs, name="f"):
 
 
 def _check_inputs(inputs):
-  if inputs.ndim < 1:
+  """Checks shape, dtype and (when concrete) values; compiles nothing."""
+  if np.ndim(inputs) < 1:
     raise ValueError(
         f"inputs must have a leading batch axis, shape [N, ...]; got shape "
-        f"{tuple(inputs.shape)}.")
-  if not jnp.issubdtype(inputs.dtype, jnp.floating):
+        f"{tuple(np.shape(inputs))}.")
+  dtype = jnp.result_type(inputs)
+  if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
         f"inputs must be floating point to be differentiated; got dtype "
-        f"{inputs.dtype}. Convert images with inputs.astype(jnp.float32).")
+        f"{dtype}. Convert images with inputs.astype(jnp.float32).")
+  checks.check_finite("inputs", inputs)
 
 
 def integrated_gradients(
@@ -199,26 +205,20 @@ def integrated_gradients(
     >>> ig, abs(float(delta[0])) < 1e-6
     (Array([[1., 4.]], dtype=float32), True)
   """
-  inputs = jnp.asarray(inputs)
   _check_inputs(inputs)
-  if baselines is None:
-    baselines = jnp.zeros_like(inputs)
-  else:
-    baselines = jnp.asarray(baselines, dtype=inputs.dtype)
+  shape = tuple(np.shape(inputs))
+  if baselines is not None:
     try:
-      shape = jnp.broadcast_shapes(baselines.shape, inputs.shape)
+      broadcast = np.broadcast_shapes(np.shape(baselines), shape)
     except ValueError:
-      shape = None
-    if shape != inputs.shape:
+      broadcast = None
+    if broadcast != shape:
       raise ValueError(
-          f"baselines of shape {tuple(baselines.shape)} do not broadcast to "
-          f"inputs of shape {tuple(inputs.shape)}; accepted: any shape that "
-          "broadcasts to the inputs (e.g. one baseline [*S] or one per example"
-          " [N, *S]).")
-    baselines = jnp.broadcast_to(baselines, inputs.shape)
+          f"baselines of shape {tuple(np.shape(baselines))} do not broadcast "
+          f"to inputs of shape {shape}; accepted: any shape that broadcasts "
+          "to the inputs (e.g. one baseline [*S] or one per example [N, *S]).")
+    checks.check_finite("baselines", baselines)
   alphas, weights, denom = _rule(method, num_steps)
-  # Nodes in the inputs' precision (float64 under jax_enable_x64).
-  alphas, weights = alphas.astype(inputs.dtype), weights.astype(inputs.dtype)
   if chunk_size is not None and (
       isinstance(chunk_size, bool)
       or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
@@ -226,6 +226,14 @@ def integrated_gradients(
         f"chunk_size={chunk_size!r} is not accepted; it must be None or an "
         "int >= 1.")
   _check_per_example_fn(f, inputs)
+  inputs = jnp.asarray(inputs)
+  if baselines is None:
+    baselines = jnp.zeros_like(inputs)
+  else:
+    baselines = jnp.broadcast_to(
+        jnp.asarray(baselines, dtype=inputs.dtype), inputs.shape)
+  # Nodes in the inputs' precision (float64 under jax_enable_x64).
+  alphas, weights = alphas.astype(inputs.dtype), weights.astype(inputs.dtype)
 
   grad_fn = jax.grad(lambda z: jnp.sum(f(z)))
   diff = inputs - baselines
@@ -279,8 +287,8 @@ def gradient_saliency(f: Callable[[Array], Array], inputs: Array) -> Array:
     ...                   jnp.array([[1.0, 2.0]]))
     Array([[2., 4.]], dtype=float32)
   """
-  inputs = jnp.asarray(inputs)
   _check_inputs(inputs)
+  inputs = jnp.asarray(inputs)
   _check_per_example_fn(f, inputs)
   return jax.grad(lambda z: jnp.sum(f(z)))(inputs)
 
@@ -326,8 +334,8 @@ def smoothgrad(
     ...            key=jax.random.key(0), num_samples=4)
     Array([[3., 3.]], dtype=float32)
   """
-  inputs = jnp.asarray(inputs)
   _check_inputs(inputs)
+  inputs = jnp.asarray(inputs)
   if (isinstance(num_samples, bool)
       or not isinstance(num_samples, (int, np.integer)) or num_samples < 1):
     raise ValueError(

@@ -36,7 +36,6 @@ import functools
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Optional, Sequence
 
@@ -79,41 +78,8 @@ _num_devices = train._num_devices  # pylint: disable=protected-access
 _process_slice = train._process_slice  # pylint: disable=protected-access
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be read, or that does not fit the config."""
-
-
-# --- Checkpoints. -------------------------------------------------------------
-
-
-def _saved_steps(directory: str) -> list[int]:
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(n) for n in os.listdir(directory)
-                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
-
-
-def _drop_closed_loop_noise() -> None:
-  """Silences the tracebacks orbax's threads print after a failed restore.
-
-  When a restore fails, tensorstore callbacks still running in background
-  threads try to post to orbax's already closed asyncio loop; each prints a
-  harmless "RuntimeError: Event loop is closed" through `sys.unraisablehook`,
-  after the real error has been raised. Only those are dropped.
-  """
-  previous = sys.unraisablehook
-  if getattr(previous, "drops_closed_loop_noise", False):
-    return
-
-  def hook(unraisable):
-    error = unraisable.exc_value
-    if isinstance(error, RuntimeError) and str(error) == (
-        "Event loop is closed"):
-      return
-    previous(unraisable)
-
-  hook.drops_closed_loop_noise = True
-  sys.unraisablehook = hook
+CheckpointError = train.CheckpointError
+_drop_closed_loop_noise = train._drop_closed_loop_noise  # pylint: disable=protected-access
 
 
 def restore_params(workdir: str, *, step: Optional[int] = None):
@@ -146,7 +112,7 @@ def restore_params(workdir: str, *, step: Optional[int] = None):
     >>> step, params = restore_params("/tmp/rar_quickstart")  # doctest: +SKIP
   """
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  steps = _saved_steps(directory)
+  steps = train.saved_steps(directory)
   if not steps:
     where = (f"{directory} holds no saved step" if os.path.isdir(directory)
              else f"{directory} does not exist")
@@ -163,14 +129,12 @@ def restore_params(workdir: str, *, step: Optional[int] = None):
     # Orbax and tensorstore raise ValueError, OSError, JSONDecodeError and
     # others for damaged files: one error that names the folder instead.
     _drop_closed_loop_noise()
-    reason = " ".join(str(err).split())
-    reason = reason[:300] + (" ..." if len(reason) > 300 else "")
     others = [s for s in steps if s != step]
     hint = (f"other saved steps: {others} (evaluate one with --step=STEP)"
             if others else "no other step is saved; retrain")
     raise CheckpointError(
         f"Cannot restore the checkpoint {os.path.join(directory, str(step))}"
-        f": it is corrupt or incomplete ({type(err).__name__}: {reason}); "
+        f": it is corrupt or incomplete ({train._short(err)}); "  # pylint: disable=protected-access
         f"{hint}.") from err
 
 
@@ -208,7 +172,7 @@ def check_params(params, config, image_shape: Sequence[int], *,
     >>> check_params(params, c, (32, 32, 3))
     Traceback (most recent call last):
       ...
-    rar_jax.evaluation.CheckpointError: the checkpoint does not fit the
+    rar_jax.train.CheckpointError: the checkpoint does not fit the
     config: model 'tiny_cnn' with 10 classes on 'embedded_mnist' images of
     shape (32, 32, 3) has 2,278 parameters, the checkpoint 1,762; ...
   """
@@ -890,6 +854,74 @@ def plot_saliency(examples, path: str, *, title: str, saliency: str = "ig",
   fig.savefig(path)
 
 
+def plot_comparison(runs, path: str, *, title: str, max_rows: int = 4,
+                    pixel_max: float = 1.0) -> int:
+  """Several models' maps on the same test images, before and after attack.
+
+  Args:
+    runs: `(label, figure_examples)` pairs, `figure_examples` as saved by
+      `evaluate_checkpoint` in `figure_examples.npz` (`index`, `image`,
+      `saliency`, `adv_saliency`, `topk_intersection`, `kendall_tau`).
+    path: the PNG to write.
+    title: the figure's title.
+    max_rows: at most this many test images: the first ones that every run
+      attacked (correctly classified by every model).
+    pixel_max: the upper end of the pixel range (to display images).
+
+  Returns:
+    The number of rows drawn (0 when no image is common to all runs; the
+    figure then says so).
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (Figure 1:
+    maps before and after the top-k attack).
+
+  Example:
+    >>> import os, tempfile, numpy as np
+    >>> ex = dict(index=np.array([3]), image=np.zeros((1, 8, 8, 1)),
+    ...           saliency=np.eye(8)[None], adv_saliency=np.eye(8)[None],
+    ...           topk_intersection=np.array([0.5]),
+    ...           kendall_tau=np.array([0.2]))
+    >>> plot_comparison([("NATURAL", ex), ("IG-NORM", ex)],
+    ...                 os.path.join(tempfile.mkdtemp(), "cmp.png"), title="t")
+    1
+  """
+  common = sorted(set.intersection(*(
+      {int(i) for i in ex["index"]} for _, ex in runs)))[:max_rows]
+  cols = 1 + 2 * len(runs)
+  fig = _figure(1.6 * cols, 1.9 * max(len(common), 1) + 0.7)
+  fig.suptitle(title)
+  if not common:
+    ax = fig.subplots()
+    ax.axis("off")
+    ax.text(0.5, 0.5, "No test image was attacked in every run.",
+            ha="center", va="center")
+  else:
+    axes = fig.subplots(len(common), cols, squeeze=False)
+    for r, index in enumerate(common):
+      for c, (label, ex) in enumerate(runs):
+        i = [int(j) for j in ex["index"]].index(index)
+        if c == 0:
+          _show_image(axes[r, 0], ex["image"][i], pixel_max)
+          axes[r, 0].set_title(f"test #{index}", fontsize=8)
+        maps = (ex["saliency"][i], ex["adv_saliency"][i])
+        vmax = max(float(np.max(m)) for m in maps) or 1.0
+        axes[r, 1 + 2 * c].imshow(maps[0], cmap="inferno", vmin=0.0,
+                                  vmax=vmax)
+        axes[r, 1 + 2 * c].set_title(f"{label}\nclean", fontsize=8)
+        axes[r, 2 + 2 * c].imshow(maps[1], cmap="inferno", vmin=0.0,
+                                  vmax=vmax)
+        axes[r, 2 + 2 * c].set_title(
+            f"attacked: IN {100 * float(ex['topk_intersection'][i]):.0f}%\n"
+            f"τ {float(ex['kendall_tau'][i]):.2f}", fontsize=8)
+    for ax in axes.flat:
+      ax.set_xticks([])
+      ax.set_yticks([])
+  fig.tight_layout()
+  fig.savefig(path)
+  return len(common)
+
+
 def plot_kendall_histogram(per_example, path: str, *, title: str) -> None:
   """Histogram of Kendall's tau over the correctly classified examples.
 
@@ -1026,15 +1058,11 @@ def evaluate_checkpoint(config, workdir: str,
   _warn_if_trained_differently(config, workdir)
   images, labels = data_lib.load_dataset(
       config.dataset.name, config.dataset.test_split,
-      data_dir=config.dataset.data_dir)
+      data_dir=config.dataset.data_dir, pixel_max=config.dataset.pixel_max)
   checkpoint = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
   check_params(params, config, images.shape[1:],
                source=f"the checkpoint {checkpoint}")
-  if len(labels) and (labels.min() < 0
-                      or labels.max() >= config.dataset.num_classes):
-    raise ValueError(
-        f"The test labels of {config.dataset.name!r} span [{labels.min()}, "
-        f"{labels.max()}], outside [0, {config.dataset.num_classes}).")
+  train.check_data(images, labels, config, split=config.dataset.test_split)
   _, apply_fn, surrogate_apply_fn = models.make_apply_fns(
       config.model.name, num_classes=config.dataset.num_classes,
       activation=config.model.activation)
@@ -1086,6 +1114,9 @@ def evaluate_checkpoint(config, workdir: str,
     write_table([results], os.path.join(output_dir, "results"))
     np.savez(os.path.join(output_dir, "per_example.npz"), **per_example)
     if figures:
+      # The figure's data, for comparisons across models (combine.py).
+      np.savez(os.path.join(output_dir, "figure_examples.npz"),
+               **{k: np.asarray(v) for k, v in examples.items()})
       title = f"{results['dataset']} {results['method']} (step {step})"
       plot_saliency(examples, os.path.join(output_dir, "figure_saliency.png"),
                     title=title, saliency=config.attack.saliency,
@@ -1103,6 +1134,6 @@ __all__ = [
     "check_params", "attack_settings", "validate_eval_config",
     "dataset_label", "method_label", "attack_step", "pgd_restarts_step",
     "accuracies", "attribution_robustness", "summarize", "table_row",
-    "write_table", "plot_saliency", "plot_kendall_histogram",
+    "write_table", "plot_saliency", "plot_comparison", "plot_kendall_histogram",
     "evaluate_checkpoint",
 ]

@@ -30,29 +30,39 @@ import operator
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
+
+from rar_jax import checks
 
 # Largest map for which every pair count, D * (D - 1) / 2, fits in int32.
 MAX_KENDALL_SIZE = 65536
 
 
-def _flatten_pair(a, b, fn_name):
-  """Checks two `[N, ...]` maps and flattens them to `[N, D]`."""
-  a = jnp.asarray(a)
-  b = jnp.asarray(b)
-  if a.shape != b.shape:
+def _check_pair(a, b, fn_name):
+  """Checks two `[N, ...]` maps on the host; returns `(N, D)`."""
+  shape_a, shape_b = tuple(np.shape(a)), tuple(np.shape(b))
+  if shape_a != shape_b:
     raise ValueError(
-        f'{fn_name}: a and b must have the same shape; got a.shape={a.shape} '
-        f'and b.shape={b.shape}.')
-  if a.ndim < 2:
+        f'{fn_name}: a and b must have the same shape; got a.shape={shape_a} '
+        f'and b.shape={shape_b}.')
+  if len(shape_a) < 2:
     raise ValueError(
         f'{fn_name}: maps must be batched, [N, ...] with the batch axis first '
-        f'(ndim >= 2); got shape {a.shape}. For one map, pass a[None].')
-  n, d = a.shape[0], math.prod(a.shape[1:])
+        f'(ndim >= 2); got shape {shape_a}. For one map, pass a[None].')
+  n, d = shape_a[0], math.prod(shape_a[1:])
   if d == 0:
     raise ValueError(
         f'{fn_name}: maps must hold at least one value per example; got shape '
-        f'{a.shape}.')
-  return a.reshape(n, d), b.reshape(n, d)
+        f'{shape_a}.')
+  checks.check_finite(f'{fn_name}: a', a)
+  checks.check_finite(f'{fn_name}: b', b)
+  return n, d
+
+
+def _flatten_pair(a, b, fn_name):
+  """Checks two `[N, ...]` maps and flattens them to `[N, D]`."""
+  n, d = _check_pair(a, b, fn_name)
+  return jnp.asarray(a).reshape(n, d), jnp.asarray(b).reshape(n, d)
 
 
 def _as_sortable(x):
@@ -101,8 +111,7 @@ def topk_intersection(a, b, *, k):
     Ghorbani, Abid, Zou, "Interpretation of Neural Networks is Fragile",
     AAAI 2019; Chen et al., "Robust Attribution Regularization", NeurIPS 2019.
   """
-  a, b = _flatten_pair(a, b, 'topk_intersection')
-  n, d = a.shape
+  n, d = _check_pair(a, b, 'topk_intersection')
   if isinstance(k, bool):
     raise ValueError(f'k must be an int with 1 <= k <= {d}; got k={k!r}.')
   try:
@@ -117,6 +126,7 @@ def topk_intersection(a, b, *, k):
     raise ValueError(
         f'k={k} is larger than the map ({d} values per example); '
         f'accepted: 1 <= k <= {d}.')
+  a, b = _flatten_pair(a, b, 'topk_intersection')
   _, top_a = lax.top_k(_as_sortable(a), k)  # [N, k]
   _, top_b = lax.top_k(_as_sortable(b), k)  # [N, k]
   rows = jnp.arange(n)[:, None]

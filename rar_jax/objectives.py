@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rar_jax import checks
 from rar_jax.attacks import pgd_attack as pgd_lib
 from rar_jax.attribution import integrated_gradients
 
@@ -138,7 +139,7 @@ def check_hyper(name: str, hyper: dict) -> None:
         clip_max=hyper.get("clip_max"))
   for k in ("lam", "gamma"):
     v = hyper.get(k)
-    if k in needs and pgd_lib._is_concrete(v) and not v >= 0:
+    if k in needs and checks.is_concrete_number(v) and not v >= 0:
       raise ValueError(f"{k}={v!r} is not accepted; it must be >= 0.")
   if uses_ig:
     m, c = hyper.get("m", 50), hyper.get("approx_factor", 1)
@@ -584,6 +585,11 @@ def loss(objective, apply_fn, params, inputs, labels, *, key=None, **hyper):
     ((), (3,))
   """
   fn = get_objective(objective) if isinstance(objective, str) else objective
+  checks.check_finite("inputs", inputs)
+  if checks.host_value(inputs) is not None:
+    logits = jax.eval_shape(apply_fn, params, inputs)
+    checks.check_labels(labels, num_examples=np.shape(inputs)[0],
+                        num_classes=logits.shape[-1])
   per_example, aux = fn(apply_fn, params, inputs, labels, key=key, **hyper)
   aux = dict(aux, loss=per_example)
   return reduce_loss(per_example, hyper.get("reduction", "sum")), aux

@@ -79,21 +79,22 @@ def _bytes_field(number: int, data: bytes) -> bytes:
 
 
 def encode_event(*, wall_time: float, step: int = 0, file_version=None,
-                 scalars=()) -> bytes:
-  """Serialises an `Event` with either a file version or scalar summaries.
+                 scalars=(), session_start=False) -> bytes:
+  """Serialises an `Event`: a file version, scalar summaries or a restart.
 
   Args:
     wall_time: seconds since the epoch.
     step: the global step.
     file_version: e.g. `"brain.Event:2"` for a file's first event, or None.
     scalars: `(tag, value)` pairs of one step.
+    session_start: a `SessionLog` START (a restart at `step`).
 
   Returns:
     The protocol-buffer bytes of the `Event`.
 
   References:
     TensorBoard, `tensorboard/compat/proto/event.proto` (`Event`) and
-    `summary.proto` (`Summary.Value.simple_value`).
+    `summary.proto` (`Summary.Value.simple_value`), `SessionLog`.
 
   Example:
     >>> encode_event(wall_time=1.0, step=2).hex()   # fields 1 and 2
@@ -109,6 +110,8 @@ def encode_event(*, wall_time: float, step: int = 0, file_version=None,
                      + _field(2, 5, struct.pack("<f", float(value))))
         for tag, value in scalars)                      # Value.simple_value = 2
     out += _bytes_field(5, values)                      # Summary summary = 5
+  if session_start:                                     # SessionLog session_log = 7
+    out += _bytes_field(7, _field(1, 0, _varint(1)))    # status = START (1)
   return out
 
 
@@ -206,6 +209,16 @@ class SummaryWriter:
     """Writes several `{tag: value}` scalars (floats) for one step."""
     self._file.write(tfrecord(encode_event(
         wall_time=time.time(), step=step, scalars=sorted(values.items()))))
+
+  def session_start(self, step: int):
+    """Marks a restart at `step`: TensorBoard drops earlier points >= step.
+
+    A run resumed from a checkpoint at step S calls this with S + 1, so the
+    points an interrupted run logged after its last checkpoint (and that the
+    resumed run logs again) are shown once.
+    """
+    self._file.write(tfrecord(encode_event(
+        wall_time=time.time(), step=step, session_start=True)))
 
   def scalar(self, tag: str, value: float, step: int):
     """Writes one scalar for one step."""

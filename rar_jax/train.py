@@ -15,10 +15,10 @@ Config fields (see `default_config` for defaults):
   seed, batch_size (global), num_train_steps, log_every_steps,
   eval_every_steps, checkpoint_every_steps, max_checkpoints_to_keep,
   parallel ("pmap" | "shard_map"), num_devices (None: all local devices),
-  dataset.{name, data_dir, train_split, test_split, num_classes},
+  dataset.{name, data_dir, train_split, test_split, num_classes, pixel_max},
   model.{name, activation},
   objective.{name, epsilon, step_size, num_steps, m, approx_factor, lam,
-             gamma, clip_min, clip_max, reduction},
+             gamma, clip_min, clip_max, reduction, epsilon_warmup_steps},
   optimizer.{name ("adam" | "sgd"), learning_rate, lr_boundaries,
              lr_values, momentum, weight_decay},
   eval.{num_examples, batch_size, pgd_num_examples, pgd_epsilon,
@@ -31,8 +31,12 @@ Config fields (see `default_config` for defaults):
 import functools
 import json
 import os
+import shutil
+import signal
+import sys
+import threading
 import time
-from typing import Any
+from typing import Any, Optional
 
 from absl import logging
 import jax
@@ -91,6 +95,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset.train_split = "train"
   c.dataset.test_split = "test"
   c.dataset.num_classes = 10
+  # Integer pixels 0..255 are scaled to [0, pixel_max]; None: the source's
+  # default (rar_jax.data: [0, 1] for MNIST sources, [0, 255] for the rest).
+  c.dataset.pixel_max = ml_collections.FieldReference(None, field_type=float)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "small_cnn"
@@ -108,6 +115,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.objective.clip_min = ml_collections.FieldReference(0.0, field_type=float)
   c.objective.clip_max = ml_collections.FieldReference(1.0, field_type=float)
   c.objective.reduction = "sum"
+  c.objective.epsilon_warmup_steps = 0   # 0: the paper (see train_step)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"
@@ -286,6 +294,10 @@ def validate_config(config) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"{field}={value!r} is not accepted; it must be an "
                        "int >= 1.")
+  warmup = config.objective.epsilon_warmup_steps
+  if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+    raise ValueError(f"objective.epsilon_warmup_steps={warmup!r} is not "
+                     "accepted; it must be an int >= 0 (0: no warm-up).")
   check_divisible("batch_size", config.batch_size, config)
   check_divisible("eval.batch_size", config.eval.batch_size, config)
 
@@ -332,7 +344,7 @@ def _num_devices(config) -> int:
 
 
 def train_step(state, inputs, labels, keys, *, apply_fn, objective, hyper, tx,
-               weight_decay=0.0):
+               weight_decay=0.0, epsilon_warmup_steps=0):
   """One optimiser step on this device's shard of the global batch.
 
   Args:
@@ -348,10 +360,15 @@ def train_step(state, inputs, labels, keys, *, apply_fn, objective, hyper, tx,
     weight_decay: adds `weight_decay * W` to the gradient of every kernel
       (the gradient of `weight_decay * sum 1/2 ||W||^2`), once, after the
       collective.
+    epsilon_warmup_steps: 0 (the paper), or grow the threat radius linearly
+      from epsilon / epsilon_warmup_steps at the first step to `epsilon` at
+      step epsilon_warmup_steps and after (a remedy for adversarial training
+      that stalls at chance accuracy on a short budget; not in the paper).
 
   Returns:
     `(new_state, sums)` with `sums` the batch sums of the logged terms over
-    all devices (and `count`), identical on every device.
+    all devices (and `count`), identical on every device, plus `grad_norm`
+    and `nonfinite_params` (the number of non-finite updated parameters).
 
   References:
     Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (the
@@ -376,6 +393,9 @@ def train_step(state, inputs, labels, keys, *, apply_fn, objective, hyper, tx,
     (1, 2.0, 2.197224...)
   """
   keys = jax.random.wrap_key_data(keys)
+  if epsilon_warmup_steps:
+    ramp = jnp.minimum(1.0, (state["step"] + 1) / epsilon_warmup_steps)
+    hyper = dict(hyper, epsilon=hyper["epsilon"] * ramp)
 
   def loss_fn(params):
     return objectives.loss(objective, apply_fn, params, inputs, labels,
@@ -407,6 +427,11 @@ def train_step(state, inputs, labels, keys, *, apply_fn, objective, hyper, tx,
   }
   sums = lax.psum(sums, AXIS)
   sums["grad_norm"] = optax.tree.norm(grads)
+  # Finite loss and gradient do not imply finite parameters (an overflowing
+  # update): the loop refuses to checkpoint such parameters.
+  sums["nonfinite_params"] = sum(
+      jnp.sum(~jnp.isfinite(p)) for p in jax.tree.leaves(params)).astype(
+          jnp.float32)
   new_state = {"params": params, "opt_state": opt_state,
                "step": state["step"] + 1}
   return new_state, sums
@@ -564,12 +589,112 @@ def _save(manager, step, state):
   manager.wait_until_finished()
 
 
-def _restore(manager, target):
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read, or that does not fit the config."""
+
+
+def saved_steps(directory: str) -> list[int]:
+  """The steps saved in an Orbax checkpoint folder, ascending.
+
+  Only finished steps count: a save that was killed midway leaves a
+  temporary folder (`STEP.orbax-checkpoint-tmp-*`), which is not a step.
+
+  References:
+    Orbax, `CheckpointManager` (one folder per step, written to a temporary
+    name and renamed when complete).
+
+  Example:
+    >>> import os, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> for name in ("20", "40", "60.orbax-checkpoint-tmp-7"):
+    ...   os.makedirs(os.path.join(d, name))
+    >>> saved_steps(d)
+    [20, 40]
+  """
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory)
+                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def _drop_closed_loop_noise() -> None:
+  """Silences the tracebacks orbax's threads print after a failed restore.
+
+  When a restore fails, tensorstore callbacks still running in background
+  threads can find their asyncio loop closed and report a harmless
+  "RuntimeError: Event loop is closed" through `sys.unraisablehook`, after
+  the real error has been raised. Only those are dropped.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_noise", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == (
+        "Event loop is closed"):
+      return
+    previous(unraisable)
+
+  hook.drops_closed_loop_noise = True
+  sys.unraisablehook = hook
+
+
+def _short(err: BaseException) -> str:
+  reason = " ".join(str(err).split())
+  reason = reason[:300] + (" ..." if len(reason) > 300 else "")
+  return f"{type(err).__name__}: {reason}"
+
+
+def _restore(workdir, config, target):
+  """The newest readable checkpoint's state, or None if there is none.
+
+  A damaged newest checkpoint (truncated or missing files: a save killed
+  midway, a full disk) is moved to `workdir/checkpoints_corrupt/STEP` with a
+  warning, and the previous one is tried; nothing is deleted. If no saved
+  step can be read, nothing is moved and a `CheckpointError` names them all.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  step = manager.latest_step()
-  if step is None:
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  steps = saved_steps(directory)
+  if not steps:
     return None
-  return manager.restore(step, args=ocp.args.StandardRestore(target))
+  failures = []
+  # The trainer's own manager (a read-only one logs warnings); a fresh one is
+  # made after this, as the steps may have changed.
+  with _checkpoint_manager(workdir, config) as mgr:
+    for step in reversed(steps):
+      try:
+        state = mgr.restore(step, args=ocp.args.StandardRestore(target))
+        break
+      except Exception as err:  # pylint: disable=broad-except
+        # Orbax and tensorstore raise ValueError, OSError, JSONDecodeError
+        # and more for damaged files.
+        _drop_closed_loop_noise()
+        failures.append((step, _short(err)))
+    else:
+      raise CheckpointError(
+          f"None of the checkpoints in {directory} can be restored: "
+          + "; ".join(f"step {s}: {r}" for s, r in failures)
+          + ". Nothing was changed. Move the folder away to start the run "
+          "again from step 0, or use a new workdir.")
+  if failures:
+    corrupt = os.path.join(workdir, "checkpoints_corrupt")
+    if jax.process_index() == 0:
+      os.makedirs(corrupt, exist_ok=True)
+      for bad, reason in failures:
+        target_dir = os.path.join(corrupt, str(bad))
+        if os.path.exists(target_dir):
+          target_dir += f".{time.time_ns()}"
+        shutil.move(os.path.join(directory, str(bad)), target_dir)
+        logging.warning(
+            "Checkpoint step %d in %s cannot be restored (%s); moved it to %s "
+            "and resumed from step %d instead.", bad, directory, reason,
+            target_dir, step)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("rar_jax_moved_corrupt_checkpoints")
+  return state
 
 
 def latest_checkpoint(workdir: str, step=None):
@@ -603,8 +728,10 @@ def latest_checkpoint(workdir: str, step=None):
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"No checkpoints in {workdir}: {directory} does "
                             "not exist. Train first, or check --workdir.")
-  with ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True)) as mgr:
+  # Read-only, so that reading a run in progress never touches its files.
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                         save_interval_steps=0)
+  with ocp.CheckpointManager(directory, options=options) as mgr:
     steps = mgr.all_steps()
     step = mgr.latest_step() if step is None else step
     if step is None or step not in steps:
@@ -615,13 +742,28 @@ def latest_checkpoint(workdir: str, step=None):
   return int(step), state["params"]
 
 
+def _write_json(path, obj):
+  """Writes JSON atomically: a killed run leaves the old file or the new one."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
 def _check_resumable(workdir, config):
   """Writes config.json, or checks that a resumed run keeps its settings."""
   path = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json())
   if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+    except (OSError, ValueError) as err:
+      raise ValueError(
+          f"Cannot read {path} ({_short(err)}); it records the settings of "
+          "the run in this workdir. Restore it, or use a new workdir.") from err
     changed = [k for k in _FROZEN if saved.get(k) != current.get(k)]
     if changed:
       raise ValueError(
@@ -629,31 +771,103 @@ def _check_resumable(workdir, config):
           f"{changed} (see its config.json); use a new workdir, or the same "
           "config (only the number of steps and logging may change).")
   if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(current, f, indent=2, sort_keys=True)
+    _write_json(path, current)
 
 
 def _truncate_metrics(path, last_step):
   """Drops lines written after the checkpoint a run resumes from.
 
   The final evaluation is rerun (and rewritten) by every run, so a line of it
-  at the resume step is dropped too: no step is ever logged twice.
+  at the resume step is dropped too: no step is ever logged twice. A line
+  that a killed run left half-written is dropped (with a warning).
   """
   if not os.path.exists(path):
     return
 
-  def keep(record):
-    return record["step"] < last_step or (
-        record["step"] == last_step and _FINAL_KEY not in record)
+  def keep(line):
+    try:
+      record = json.loads(line)
+      step = record["step"]
+    except (ValueError, KeyError, TypeError):
+      logging.warning("Dropping an unreadable line of %s: %r", path,
+                      line[:200])
+      return False
+    return step < last_step or (step == last_step and _FINAL_KEY not in record)
 
   with open(path) as f:
-    lines = [l for l in f if l.strip() and keep(json.loads(l))]
-  with open(path, "w") as f:
+    lines = [l if l.endswith("\n") else l + "\n"
+             for l in f if l.strip() and keep(l)]
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
     f.writelines(lines)
+  os.replace(tmp, path)
 
 
 class NonFiniteError(FloatingPointError):
-  """Training produced a NaN or infinite loss term or gradient."""
+  """Training produced a NaN or infinite loss term, gradient or parameter."""
+
+
+class Interrupted(Exception):
+  """Training stopped on SIGTERM or SIGINT after saving a checkpoint.
+
+  Attributes:
+    signum: the signal's number (`signal.SIGTERM` or `signal.SIGINT`).
+    step: the step of the checkpoint saved before stopping.
+  """
+
+  def __init__(self, message: str, *, signum: int, step: int):
+    super().__init__(message)
+    self.signum = signum
+    self.step = step
+
+
+class _StopRequests:
+  """Turns SIGTERM and SIGINT into a request to stop after the current step.
+
+  A step that is running finishes, so its state can be checkpointed; a second
+  SIGINT (Ctrl-C) stops at once, with the default behaviour. Handlers are
+  installed only from the main thread (Python allows no other) and restored on
+  exit. With several processes, a request on any of them stops all of them at
+  the same step.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT and self.signum is not None:
+      signal.signal(signal.SIGINT, self._previous.get(
+          signal.SIGINT, signal.default_int_handler))
+      raise KeyboardInterrupt
+    self.signum = signum
+    logging.warning(
+        "Received %s: the running step finishes, a checkpoint is saved, then "
+        "training stops (rerun the same command to resume). Press Ctrl-C "
+        "again to stop at once without saving.", signal.Signals(signum).name)
+
+  def requested(self) -> Optional[int]:
+    """The signal to stop for (agreed by all processes), or None."""
+    signum = self.signum or 0
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      signum = int(np.max(multihost_utils.process_allgather(
+          np.int32(signum))))
+    return signum or None
 
 
 # --- The loop. ---------------------------------------------------------------
@@ -735,8 +949,69 @@ def evaluate(config, apply_fn, params, images, labels, *, parallel=None,
   return results
 
 
+def check_data(images, labels, config, *, split: str) -> None:
+  """Refuses a dataset the config cannot train or evaluate on, before compiling.
+
+  Args:
+    images: `[N, H, W, C]` as loaded.
+    labels: `[N]`.
+    config: the config (`dataset.*`, `objective.clip_min/clip_max`).
+    split: the split's name, for the message.
+
+  Raises:
+    ValueError: a non-float or non-finite image, pixels outside the declared
+      box `[objective.clip_min, objective.clip_max]` (nothing is clipped
+      silently: the attacks assume it), or labels outside
+      `[0, dataset.num_classes)`; the message names the values found.
+
+  References:
+    Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (spec
+    Sec. 3.2: pixel ranges [0, 1] for MNIST, [0, 255] for GTSRB/Flower).
+
+  Example:
+    >>> import numpy as np
+    >>> config = default_config()    # pixels in [0, 1], 10 classes
+    >>> check_data(np.full((2, 4, 4, 1), 255.0, np.float32), np.array([0, 1]),
+    ...            config, split="train")
+    Traceback (most recent call last):
+    ...
+    ValueError: The train split of 'embedded_mnist' has pixels in [255, 255], outside the declared pixel range objective.clip_min=0, objective.clip_max=1; ...
+  """
+  name = f"The {split} split of {config.dataset.name!r}"
+  if not np.issubdtype(images.dtype, np.floating):
+    raise ValueError(f"{name} has images of dtype {images.dtype}; accepted: "
+                     "floating point (the loaders convert).")
+  finite = np.isfinite(images)
+  if not finite.all():
+    bad = np.flatnonzero(~finite.reshape(len(images), -1).all(axis=1))
+    raise ValueError(
+        f"{name} has {bad.size} images with NaN or infinite pixels (the "
+        f"first at index {bad[0]}); accepted: finite pixel values.")
+  lo, hi = config.objective.clip_min, config.objective.clip_max
+  if len(images) and (images.min() < lo or images.max() > hi):
+    raise ValueError(
+        f"{name} has pixels in [{images.min():g}, {images.max():g}], outside "
+        f"the declared pixel range objective.clip_min={lo:g}, "
+        f"objective.clip_max={hi:g}; set those to the data's range (e.g. "
+        "0 and 255 for raw 8-bit pixels) or rescale the data.")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"{name} has labels of dtype {labels.dtype}; accepted: "
+                     "integer class indices.")
+  if len(labels) and (labels.min() < 0
+                      or labels.max() >= config.dataset.num_classes):
+    raise ValueError(
+        f"{name} has labels in [{labels.min()}, {labels.max()}], outside "
+        f"[0, {config.dataset.num_classes}); set dataset.num_classes.")
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains a model as `config` says, resuming from `workdir` if possible.
+
+  SIGTERM or Ctrl-C (SIGINT) lets the running step finish, saves a checkpoint
+  and raises `Interrupted`; rerunning resumes from it. After a kill (or a
+  crash) the rerun resumes from the last checkpoint saved, falling back to an
+  older one if the newest is damaged. Either way the resumed run ends with the
+  same parameters as an uninterrupted one (deterministic batches and keys).
 
   Args:
     config: a `ConfigDict` with the fields of `default_config()`.
@@ -748,9 +1023,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     the final training step).
 
   Raises:
-    ValueError: a bad config (before any compilation).
-    NonFiniteError: a non-finite loss term or gradient (the last good
-      checkpoint stays in `workdir`).
+    ValueError: a bad config or dataset (before any compilation).
+    CheckpointError: no checkpoint in `workdir/checkpoints` can be restored.
+    NonFiniteError: a non-finite loss term, gradient or parameter (the last
+      good checkpoint stays in `workdir`).
+    Interrupted: SIGTERM or SIGINT, after saving a checkpoint.
 
   References:
     Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (spec
@@ -771,16 +1048,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   parallel = _Parallel(config.parallel, num_devices)
   train_x, train_y = data_lib.load_dataset(
       config.dataset.name, config.dataset.train_split,
-      data_dir=config.dataset.data_dir)
+      data_dir=config.dataset.data_dir, pixel_max=config.dataset.pixel_max)
   test_x, test_y = data_lib.load_dataset(
       config.dataset.name, config.dataset.test_split,
-      data_dir=config.dataset.data_dir)
-  for split, y in (("train", train_y), ("test", test_y)):
-    if len(y) and (y.min() < 0 or y.max() >= config.dataset.num_classes):
-      raise ValueError(
-          f"The {split} labels of {config.dataset.name!r} span "
-          f"[{y.min()}, {y.max()}], outside [0, {config.dataset.num_classes})"
-          "; set dataset.num_classes.")
+      data_dir=config.dataset.data_dir, pixel_max=config.dataset.pixel_max)
+  check_data(train_x, train_y, config, split=config.dataset.train_split)
+  check_data(test_x, test_y, config, split=config.dataset.test_split)
   if len(train_y) < config.batch_size:
     raise ValueError(f"batch_size={config.batch_size} is larger than the "
                      f"training set ({len(train_y)} examples).")
@@ -796,8 +1069,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   params = init_fn(jax.random.key(config.seed), jnp.asarray(train_x[:1]))
   state = jax.device_get({"params": params, "opt_state": tx.init(params),
                           "step": np.int32(0)})
+  restored = _restore(workdir, config, state)
   manager = _checkpoint_manager(workdir, config)
-  restored = _restore(manager, state)
   if restored is not None:
     state = restored
     logging.info("Resumed from %s at step %d.", manager.directory,
@@ -807,12 +1080,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if is_writer:
     _truncate_metrics(metrics_path, start)
   writer = summary.SummaryWriter(workdir) if is_writer else None
+  if writer and start:
+    # TensorBoard drops the earlier files' points after `start`.
+    writer.session_start(start + 1)
 
   hyper = objective_hyper(config)
   p_train_step = parallel.compile(
       functools.partial(train_step, apply_fn=apply_fn,
                         objective=config.objective.name, hyper=hyper, tx=tx,
-                        weight_decay=config.optimizer.weight_decay),
+                        weight_decay=config.optimizer.weight_decay,
+                        epsilon_warmup_steps=config.objective.
+                        epsilon_warmup_steps),
       num_replicated=1, donate_state=True)
   p_state = parallel.replicate(state)
 
@@ -832,58 +1110,59 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   window, t0, t_start = {}, time.time(), time.time()
   last_saved = start
   try:
-    for step in range(start, total_steps):
-      x, y = next(batches)
-      keys = _example_keys(config.seed, step, config.batch_size)
-      local = [_process_slice(v) for v in (x, y, keys)]
-      p_state, sums = p_train_step(p_state, *parallel.shard(local))
-      sums = parallel.unreplicate(sums)
-      bad = [k for k, v in sums.items() if not np.isfinite(v)]
-      if bad:
-        raise NonFiniteError(
-            f"Non-finite {', '.join(bad)} at step {step + 1} (objective "
-            f"{config.objective.name!r}); the last good checkpoint is step "
-            f"{last_saved} in {manager.directory}. Lower the learning rate or "
-            "check the data.")
-      for k, v in sums.items():
-        window[k] = window.get(k, 0.0) + float(v)
-      window["steps"] = window.get("steps", 0) + 1
-      done = step + 1
-      if done % config.log_every_steps == 0 or done == total_steps:
-        elapsed = time.time() - t0
-        steps_per_sec = window["steps"] / max(elapsed, 1e-9)
-        count = window["count"]
-        record = {"step": done}
-        record.update({f"train/{k}": window[k] / count for k in (
-            "loss", "ce", "adv_ce", "reg", "accuracy", "adv_accuracy")})
-        record["train/grad_norm"] = window["grad_norm"] / window["steps"]
-        record["steps_per_sec"] = steps_per_sec
-        record["examples_per_sec"] = count / max(elapsed, 1e-9)
-        write(record)
-        eta = (total_steps - done) / max(steps_per_sec, 1e-9)
-        logging.info(
-            "step %d/%d  loss %.4f  ce %.4f  adv_ce %.4f  reg %.4f  acc %.3f "
-            " adv_acc %.3f  %.2f steps/s  %.1f examples/s  ETA %s", done,
-            total_steps, record["train/loss"], record["train/ce"],
-            record["train/adv_ce"], record["train/reg"],
-            record["train/accuracy"], record["train/adv_accuracy"],
-            steps_per_sec, record["examples_per_sec"],
-            time.strftime("%H:%M:%S", time.gmtime(eta)))
-        window, t0 = {}, time.time()
-      if (config.checkpoint_every_steps
-          and done % config.checkpoint_every_steps == 0):
-        _save(manager, done, parallel.unreplicate(p_state))
-        last_saved = done
-      if (config.eval_every_steps and done % config.eval_every_steps == 0
-          and done != total_steps):
-        ev = evaluate(config, apply_fn, parallel.unreplicate(p_state)["params"],
-                      test_x, test_y, parallel=parallel, with_pgd=False)
-        write({"step": done, "eval/natural_accuracy": ev["natural_accuracy"]})
-    state = parallel.unreplicate(p_state)
-    if last_saved != int(state["step"]):
-      _save(manager, int(state["step"]), state)
+    with _StopRequests() as stop:
+      for step in range(start, total_steps):
+        x, y = next(batches)
+        keys = _example_keys(config.seed, step, config.batch_size)
+        local = [_process_slice(v) for v in (x, y, keys)]
+        p_state, sums = p_train_step(p_state, *parallel.shard(local))
+        sums = parallel.unreplicate(sums)
+        bad = [k for k, v in sums.items() if not np.isfinite(v)]
+        if sums.pop("nonfinite_params"):
+          bad.append("updated parameters")
+        if bad:
+          where = (f"the last good checkpoint is step {last_saved} in "
+                   f"{manager.directory}" if last_saved else
+                   "no checkpoint was saved before it")
+          raise NonFiniteError(
+              f"Non-finite {', '.join(bad)} at step {step + 1} (objective "
+              f"{config.objective.name!r}); {where}. Lower the learning rate "
+              "or check the data.")
+        for k, v in sums.items():
+          window[k] = window.get(k, 0.0) + float(v)
+        window["steps"] = window.get("steps", 0) + 1
+        done = step + 1
+        if done % config.log_every_steps == 0 or done == total_steps:
+          _log(write, window, done, total_steps, time.time() - t0)
+          window, t0 = {}, time.time()
+        if (config.checkpoint_every_steps
+            and done % config.checkpoint_every_steps == 0):
+          _save(manager, done, parallel.unreplicate(p_state))
+          last_saved = done
+        if (config.eval_every_steps and done % config.eval_every_steps == 0
+            and done != total_steps):
+          ev = evaluate(config, apply_fn,
+                        parallel.unreplicate(p_state)["params"], test_x,
+                        test_y, parallel=parallel, with_pgd=False)
+          write({"step": done,
+                 "eval/natural_accuracy": ev["natural_accuracy"]})
+        signum = stop.requested()
+        if signum and done != total_steps:
+          if last_saved != done:
+            _save(manager, done, parallel.unreplicate(p_state))
+            last_saved = done
+          name = signal.Signals(signum).name
+          logging.warning("Stopped by %s at step %d; checkpoint saved in %s.",
+                          name, done, manager.directory)
+          raise Interrupted(
+              f"Training stopped by {name} at step {done} of {total_steps}; "
+              f"the checkpoint of step {done} is in {manager.directory}. "
+              "Rerun the same command to resume.", signum=signum, step=done)
+      state = parallel.unreplicate(p_state)
+      if last_saved != int(state["step"]):
+        _save(manager, int(state["step"]), state)
 
-    # --- Final evaluation. ---
+    # --- Final evaluation (signals act as usual again: all is saved). ---
     final = evaluate(config, apply_fn, state["params"], test_x, test_y,
                      parallel=parallel)
     final["step"] = int(state["step"])
@@ -896,14 +1175,35 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     if writer:
       writer.close()
   if is_writer:
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-      json.dump(final, f, indent=2, sort_keys=True)
+    _write_json(os.path.join(workdir, "final_metrics.json"), final)
   logging.info("Final: %s", final)
   return final
+
+
+def _log(write, window, done, total_steps, elapsed):
+  """Writes the averages of a logging window and prints the progress line."""
+  steps_per_sec = window["steps"] / max(elapsed, 1e-9)
+  count = window["count"]
+  record = {"step": done}
+  record.update({f"train/{k}": window[k] / count for k in (
+      "loss", "ce", "adv_ce", "reg", "accuracy", "adv_accuracy")})
+  record["train/grad_norm"] = window["grad_norm"] / window["steps"]
+  record["steps_per_sec"] = steps_per_sec
+  record["examples_per_sec"] = count / max(elapsed, 1e-9)
+  write(record)
+  eta = (total_steps - done) / max(steps_per_sec, 1e-9)
+  logging.info(
+      "step %d/%d  loss %.4f  ce %.4f  adv_ce %.4f  reg %.4f  acc %.3f "
+      " adv_acc %.3f  %.2f steps/s  %.1f examples/s  ETA %s", done,
+      total_steps, record["train/loss"], record["train/ce"],
+      record["train/adv_ce"], record["train/reg"], record["train/accuracy"],
+      record["train/adv_accuracy"], steps_per_sec, record["examples_per_sec"],
+      time.strftime("%H:%M:%S", time.gmtime(eta)))
 
 
 __all__ = [
     "AXIS", "default_config", "objective_hyper", "create_optimizer",
     "learning_rate_schedule", "validate_config", "train_step", "eval_step",
-    "evaluate", "train_and_evaluate", "latest_checkpoint", "NonFiniteError",
+    "evaluate", "train_and_evaluate", "latest_checkpoint", "check_data",
+    "saved_steps", "NonFiniteError", "Interrupted", "CheckpointError",
 ]

@@ -107,6 +107,25 @@ def test_npz_layouts(tmp_path):
   assert x.dtype == np.float32 and list(y) == [1, 0]
 
 
+def test_split_rows_partition_one_file(tmp_path):
+  # One .npz of images/labels split in two by rows (the CPU reproduction's
+  # 8,000 / 2,000 split of mnist_10k.npz), also for the embedded sample.
+  images = _RNG.integers(0, 256, (10, 4, 4), dtype=np.uint8)
+  np.savez(tmp_path / "all.npz", images=images, labels=np.arange(10))
+  name = f"npz:{tmp_path / 'all.npz'}"
+  x_a, y_a = data.load_dataset(name, "train[:7]", pixel_max=1.0)
+  x_b, y_b = data.load_dataset(name, "train[7:]", pixel_max=1.0)
+  assert list(y_a) == list(range(7)) and list(y_b) == [7, 8, 9]
+  np.testing.assert_allclose(np.concatenate([x_a, x_b])[..., 0],
+                             images / 255, rtol=1e-6)
+  x, _ = data.load_dataset("embedded_mnist", "test[-5:]")
+  np.testing.assert_array_equal(
+      x, data.load_dataset("embedded_mnist", "test")[0][-5:])
+  with pytest.raises(ValueError, match=r"split='train\[a:b\]' is not "
+                     r"accepted; accepted: NAME or NAME\[START:STOP\]"):
+    data.load_dataset(name, "train[a:b]")
+
+
 def test_npz_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="train.npz"):
     data.load_dataset(f"npz:{tmp_path}", "train")

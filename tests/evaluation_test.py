@@ -205,6 +205,17 @@ def test_combine_two_runs_into_one_table(evaluated, tmp_path, capsys):
                      r"evaluate.py --workdir="):
     combine.main([f"--workdirs={evaluated},{tmp_path / 'missing'}",
                   f"--output={tmp_path / 'table2'}"])
+  # --figure: the runs' maps side by side on the images both attacked.
+  shutil.copy(os.path.join(evaluated, "figure_examples.npz"), other)
+  paths = combine.main([f"--workdirs={evaluated},{other}",
+                        f"--output={tmp_path / 'table3'}", "--figure"])
+  assert paths[-1] == str(tmp_path / "table3_saliency.png")
+  pixels = mpimg.imread(paths[-1])
+  assert pixels.shape[1] > pixels.shape[0] and pixels.std() > 0.05
+  with np.load(os.path.join(evaluated, "figure_examples.npz")) as ex:
+    runs = [("A", dict(ex)), ("B", dict(ex, index=ex["index"] + 1000))]
+  assert evaluation.plot_comparison(runs, str(tmp_path / "none.png"),
+                                    title="t") == 0
 
 
 def test_missing_workdir_or_step_is_a_clear_error(trained, tmp_path):

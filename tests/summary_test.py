@@ -66,3 +66,15 @@ def test_corrupt_record_is_detected(tmp_path):
   path.write_bytes(bytes(data))
   with pytest.raises(ValueError, match="Corrupt record data"):
     list(summary.read_records(path))
+
+
+def test_session_start_is_a_session_log_start_event(tmp_path):
+  # Event.session_log = 7, SessionLog.status = 1, START = 1: TensorBoard then
+  # drops the points of earlier files at steps >= 21.
+  with summary.SummaryWriter(str(tmp_path)) as writer:
+    writer.session_start(21)
+  (name,) = os.listdir(tmp_path)
+  event = _parse(list(summary.read_records(tmp_path / name))[1])
+  assert event[2] == [21]
+  assert _parse(event[7][0]) == {1: [1]}
+  assert 5 not in event and 3 not in event

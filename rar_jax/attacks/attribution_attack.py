@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rar_jax import checks
 from rar_jax import metrics
 from rar_jax.attacks import pgd_attack
 from rar_jax.attribution import gradient_saliency
@@ -219,17 +220,18 @@ def attribution_attack(
   if saliency not in SALIENCIES:
     raise ValueError(f"Unknown saliency {saliency!r}; accepted: "
                      f"{', '.join(SALIENCIES)}.")
-  inputs = jnp.asarray(inputs)
-  if inputs.ndim not in (3, 4):
+  if np.ndim(inputs) not in (3, 4):
     raise ValueError(
-        f"inputs of shape {tuple(inputs.shape)} are not accepted; accepted: "
-        "images [N, H, W, C] or [N, H, W].")
-  labels = jnp.asarray(labels)
-  if labels.shape != inputs.shape[:1]:
-    raise ValueError(
-        f"labels of shape {tuple(labels.shape)} do not match inputs of shape "
-        f"{tuple(inputs.shape)}; accepted: [N] = ({inputs.shape[0]},).")
-  n, h, w = inputs.shape[:3]
+        f"inputs of shape {tuple(np.shape(inputs))} are not accepted; "
+        "accepted: images [N, H, W, C] or [N, H, W].")
+  checks.check_in_box("inputs", inputs, clip_min, clip_max)
+  num_classes = None
+  if checks.host_value(inputs) is not None:
+    num_classes = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct(
+        np.shape(inputs), jnp.result_type(inputs))).shape[-1]
+  checks.check_labels(labels, num_examples=np.shape(inputs)[0],
+                      num_classes=num_classes)
+  n, h, w = np.shape(inputs)[:3]
   _check_k("k_top", k_top, h * w)
   eval_k = k_top if eval_k is None else eval_k
   _check_k("eval_k", eval_k, h * w)
@@ -246,12 +248,14 @@ def attribution_attack(
     if target_mask is None:
       raise ValueError("attack='target' needs target_mask, [H, W] or "
                        "[N, H, W]; got None.")
-    target_mask = jnp.asarray(target_mask, inputs.dtype)
+    target_mask = jnp.asarray(target_mask, jnp.result_type(inputs))
     if target_mask.shape not in ((h, w), (n, h, w)):
       raise ValueError(
           f"target_mask of shape {tuple(target_mask.shape)} is not accepted; "
           f"accepted: ({h}, {w}) or ({n}, {h}, {w}).")
     target_mask = jnp.broadcast_to(target_mask, (n, h, w))
+  inputs = jnp.asarray(inputs)
+  labels = jnp.asarray(labels)
   surrogate_apply_fn = surrogate_apply_fn or apply_fn
   key = jax.random.key(0) if key is None else key
   inputs = jax.lax.stop_gradient(inputs)

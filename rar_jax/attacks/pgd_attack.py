@@ -23,13 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rar_jax import checks
+
 Array = jax.Array
 
 NORMS = ("linf", "l2")
-
-
-def _is_concrete(v):
-  return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
 
 
 def check_attack_args(*, epsilon, step_size, num_steps, norm="linf",
@@ -61,12 +59,12 @@ def check_attack_args(*, epsilon, step_size, num_steps, norm="linf",
     ValueError: step_size=0.0 is not accepted; it must be a number > 0.
   """
   if isinstance(epsilon, bool) or (
-      _is_concrete(epsilon) and not epsilon >= 0):
+      checks.is_concrete_number(epsilon) and not epsilon >= 0):
     raise ValueError(
         f"epsilon={epsilon!r} is not accepted; it must be a number >= 0 (the "
         "radius of the threat ball).")
   if isinstance(step_size, bool) or (
-      _is_concrete(step_size) and not step_size > 0):
+      checks.is_concrete_number(step_size) and not step_size > 0):
     raise ValueError(
         f"step_size={step_size!r} is not accepted; it must be a number > 0.")
   if (isinstance(num_steps, bool)
@@ -76,7 +74,8 @@ def check_attack_args(*, epsilon, step_size, num_steps, norm="linf",
   if norm not in NORMS:
     raise ValueError(
         f"Unknown norm {norm!r}; accepted: {', '.join(NORMS)}.")
-  if (_is_concrete(clip_min) and _is_concrete(clip_max)
+  if (checks.is_concrete_number(clip_min)
+      and checks.is_concrete_number(clip_max)
       and not clip_min < clip_max):
     raise ValueError(
         f"clip_min={clip_min!r} must be smaller than clip_max={clip_max!r} "
@@ -244,6 +243,7 @@ def pgd(
   """
   check_attack_args(epsilon=epsilon, step_size=step_size, num_steps=num_steps,
                     norm=norm, clip_min=clip_min, clip_max=clip_max)
+  checks.check_in_box("inputs", inputs, clip_min, clip_max)
   inputs = jnp.asarray(inputs)
   out = jax.eval_shape(objective_fn, inputs)
   if tuple(getattr(out, "shape", ())) != (inputs.shape[0],):

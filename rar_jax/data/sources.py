@@ -26,7 +26,9 @@ References:
 import gzip
 import os
 import pathlib
+import re
 from typing import Any
+import zipfile
 
 import numpy as np
 
@@ -59,7 +61,9 @@ def load_dataset(name: str, split: str, *, data_dir: str | None = None,
   Args:
     name: see the module docstring (`DATASET_NAMES`).
     split: "train" or "test" for the embedded, IDX and prepared `.npz`
-      sources; any tfds split string (e.g. "train[5000:]": 55,000 images, as
+      sources, optionally with rows, "train[:8000]", "train[8000:]" (a
+      `.npz` file with `images`/`labels` is one split whatever the name, so
+      rows split it in two); any tfds split string (e.g. "train[5000:]": 55,000 images, as
       many as the paper trains on, though not the same ones) for tfds
       datasets.
     data_dir: tfds data folder (None: tfds' default, `$TFDS_DATA_DIR` or
@@ -96,6 +100,9 @@ def load_dataset(name: str, split: str, *, data_dir: str | None = None,
     >>> images.shape, float(images.max())              # [0, 255]
     ((2, 4, 4, 3), 255.0)
   """
+  rows = slice(None)
+  if not (name in _TFDS_DATASETS or name.startswith("tfds:")):
+    split, rows = _split_rows(split)   # tfds slices splits itself
   if name == "embedded_mnist":
     images, labels = _embedded_mnist_uint8(split)
     default_max = _UNIT
@@ -121,10 +128,28 @@ def load_dataset(name: str, split: str, *, data_dir: str | None = None,
     raise ValueError(
         f"Unknown dataset name {name!r}; accepted: {list(DATASET_NAMES)} "
         "(PATH/DIR/NAME after a prefix).")
+  images, labels = images[rows], labels[rows]
   if image_size is not None:
     images = resize_images(images, image_size)
   return to_float(images, pixel_max=default_max if pixel_max is None
                   else pixel_max), labels
+
+
+_ROWS = re.compile(r"^([\w-]+)\[(-?\d*):(-?\d*)\]$")
+
+
+def _split_rows(split: str) -> tuple[str, slice]:
+  """"train[:8000]" -> ("train", slice(None, 8000)); "test" -> all rows."""
+  match = _ROWS.match(split)
+  if match is None:
+    if "[" in split:
+      raise ValueError(
+          f"split={split!r} is not accepted; accepted: NAME or NAME[START:STOP]"
+          " with integer rows (e.g. 'train[:8000]', 'train[8000:]').")
+    return split, slice(None)
+  base, start, stop = match.groups()
+  return base, slice(int(start) if start else None,
+                     int(stop) if stop else None)
 
 
 def to_float(images: np.ndarray, *, pixel_max: float) -> np.ndarray:
@@ -217,7 +242,8 @@ def load_npz(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
   Raises:
     FileNotFoundError: no such file.
-    ValueError: none of the accepted key pairs, or mismatched lengths.
+    ValueError: not a readable .npz archive, none of the accepted key pairs,
+      or mismatched lengths.
 
   References:
     NumPy, `numpy.savez` (the `.npz` format); Keras, `mnist.npz` of
@@ -240,12 +266,24 @@ def load_npz(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     raise FileNotFoundError(
         f"No .npz file at {str(file)!r}; pass npz:FILE or npz:DIR where DIR "
         f"holds {split}.npz.")
-  with np.load(file, allow_pickle=False) as data:
-    keys = set(data.files)
-    for image_key, label_key in ((f"x_{split}", f"y_{split}"),
-                                 ("images", "labels")):
-      if {image_key, label_key} <= keys:
-        return _check(data[image_key], data[label_key], source=str(file))
+  try:
+    with np.load(file, allow_pickle=False) as data:
+      keys = set(data.files)
+      for image_key, label_key in ((f"x_{split}", f"y_{split}"),
+                                   ("images", "labels")):
+        if {image_key, label_key} <= keys:
+          pair = data[image_key], data[label_key]
+          break
+      else:
+        pair = None
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    raise ValueError(
+        f"{str(file)!r} cannot be read as a .npz file ({type(err).__name__}: "
+        f"{err}); accepted: a NumPy .npz archive (np.savez) with "
+        f"'images'/'labels' or 'x_{split}'/'y_{split}' arrays, no pickled "
+        "objects.") from err
+  if pair is not None:
+    return _check(*pair, source=str(file))
   raise ValueError(
       f"{str(file)!r} has keys {sorted(keys)}; accepted: 'images'/'labels' or "
       f"'x_{split}'/'y_{split}'.")
