@@ -42,8 +42,8 @@ _WORKDIR = flags.DEFINE_string(
     "its checkpoints and writes its results there).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (one "
-    "process per host; the coordinator comes from the environment, e.g. "
-    "Cloud TPU, SLURM or JAX_COORDINATOR_ADDRESS).")
+    "process per host; it detects the cluster from the environment: Cloud "
+    "TPU, SLURM, Open MPI, Kubernetes; other setups: see BUILD.md).")
 
 
 class _OwnInfoOnly:
