@@ -211,7 +211,7 @@ def test_combine_two_runs_into_one_table(evaluated, tmp_path, capsys):
                         f"--output={tmp_path / 'table3'}", "--figure"])
   assert paths[-1] == str(tmp_path / "table3_saliency.png")
   pixels = mpimg.imread(paths[-1])
-  assert pixels.shape[1] > pixels.shape[0] and pixels.std() > 0.05
+  assert pixels.ndim == 3 and pixels.std() > 0.05
   with np.load(os.path.join(evaluated, "figure_examples.npz")) as ex:
     runs = [("A", dict(ex)), ("B", dict(ex, index=ex["index"] + 1000))]
   assert evaluation.plot_comparison(runs, str(tmp_path / "none.png"),
