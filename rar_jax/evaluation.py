@@ -237,7 +237,7 @@ def attack_settings(config) -> dict[str, Any]:
       eval_k=a.eval_k, saliency=a.saliency, num_ig_steps=a.num_ig_steps,
       num_restarts=a.num_restarts, clip_min=config.objective.clip_min,
       clip_max=config.objective.clip_max, quantize=a.quantize,
-      chunk_size=a.ig_chunk_size)
+      chunk_size="auto" if a.ig_chunk_size is None else a.ig_chunk_size)
 
 
 def _check_int(name, value, minimum, allow_none=False):

@@ -31,6 +31,7 @@ References:
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -171,6 +172,170 @@ def max_pool_2x2(x: Array) -> Array:
   return jnp.sum(jnp.where(first, windows, 0.0), axis=-1)
 
 
+_NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
+
+
+def _same_layout(lhs_shape, rhs_shape, dimension_numbers) -> bool:
+  if len(lhs_shape) != 4 or len(rhs_shape) != 4:
+    return False
+  try:
+    return (jax.lax.conv_dimension_numbers(lhs_shape, rhs_shape,
+                                           dimension_numbers)
+            == jax.lax.conv_dimension_numbers(lhs_shape, rhs_shape,
+                                              _NHWC_HWIO))
+  except (TypeError, ValueError):
+    return False
+
+
+def _stride1_pads(lhs, rhs, window_strides, padding, lhs_dilation,
+                  rhs_dilation, dimension_numbers, feature_group_count,
+                  batch_group_count, preferred_element_type):
+  """Explicit pads of a conv the fast gradient covers, else None."""
+  if (tuple(window_strides) != (1, 1)
+      or any(d not in (None, (1, 1), [1, 1])
+             for d in (lhs_dilation, rhs_dilation))
+      or feature_group_count != 1 or batch_group_count != 1
+      or preferred_element_type is not None
+      or not _same_layout(lhs.shape, rhs.shape, dimension_numbers)):
+    return None
+  window = tuple(rhs.shape[:2])
+  if isinstance(padding, str):
+    pads = jax.lax.padtype_to_pads(lhs.shape[1:3], window, (1, 1), padding)
+  else:
+    pads = padding
+  pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+  if len(pads) != 2 or any(not (0 <= lo < k and 0 <= hi < k)
+                           for (lo, hi), k in zip(pads, window)):
+    return None
+  return pads
+
+
+def _plain_conv(x, k, pads, precision):
+  return jax.lax.conv_general_dilated(
+      x, k, (1, 1), pads, dimension_numbers=_NHWC_HWIO, precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _fast_conv(x, k, pads, precision):
+  return _plain_conv(x, k, pads, precision)
+
+
+def _fast_conv_fwd(x, k, pads, precision):
+  return _plain_conv(x, k, pads, precision), (x, k)
+
+
+def _fast_conv_bwd(pads, precision, residuals, g):
+  x, k = residuals
+  # d/dx of a stride-1 conv is the conv of g with the kernel flipped in
+  # space and with in/out swapped, padded by (k-1-lo, k-1-hi). Building
+  # that kernel explicitly in HWIO (rather than JAX's rule: a reverse and a
+  # kernel spec with I and O swapped) keeps the layout XLA:CPU's fast
+  # (YNNPACK) convolution accepts also inside while loops, where XLA leaves
+  # the swapped spec to its slower generic convolution. Same numbers.
+  k_t = jnp.swapaxes(jnp.flip(k, (0, 1)), 2, 3)
+  t_pads = tuple((kd - 1 - lo, kd - 1 - hi)
+                 for (lo, hi), kd in zip(pads, k.shape[:2]))
+  dx = _fast_conv(g, k_t, t_pads, precision)
+  # d/dk[a, b, i, o] = sum_{n, h, w} x_pad[n, h + a, w + b, i] g[n, h, w, o]:
+  # again a canonical stride-1 NHWC/HWIO conv, of x with channels and batch
+  # swapped ([I, H, W, N]) by g as a kernel ([Ho, Wo, N, O]). JAX's rule
+  # (batch as the contracted feature, an f01b/i01o layout) runs ~35x slower
+  # in XLA:CPU loop bodies.
+  dk = _fast_conv(jnp.transpose(x, (3, 1, 2, 0)),
+                  jnp.transpose(g, (1, 2, 0, 3)), pads, precision)
+  return dx, jnp.transpose(dk, (1, 2, 0, 3))
+
+
+_fast_conv.defvjp(_fast_conv_fwd, _fast_conv_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count=1, batch_group_count=1,
+                         precision=None, preferred_element_type=None):
+  """`lax.conv_general_dilated` with gradients that stay fast in loops.
+
+  The same convolution; for a stride-1, undilated, ungrouped 2-D NHWC/HWIO
+  convolution (the CNNs' convs) the gradients are computed by a
+  `jax.custom_vjp` that writes both of them as canonical NHWC/HWIO
+  convolutions (the input gradient with the flipped, in/out-swapped kernel
+  built explicitly; the kernel gradient as a conv of the batch-transposed
+  input by the output gradient). XLA:CPU runs canonical convolutions on its
+  fast paths at top level and in loops alike; JAX's own rules give kernel
+  layouts that XLA:CPU only canonicalises outside loops, so inside
+  `lax.fori_loop`/`lax.scan`/`while` bodies (PGD, the attacks, chunked IG)
+  they fall to a generic loop-nest convolution: IG on the MNIST CNN ran
+  2.2x slower and the kernel gradient ~35x slower (`BUILD.md`,
+  "Performance"). Every other configuration goes to
+  `lax.conv_general_dilated` unchanged.
+
+  Reverse mode works to any order (the rule is itself differentiable and
+  uses this function again); forward mode (`jax.jvp`, `jax.jacfwd`) does not
+  go through a `custom_vjp`: build the model with `fast_conv_grad=False` for
+  that.
+
+  Args:
+    lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+    dimension_numbers, feature_group_count, batch_group_count, precision,
+    preferred_element_type: as `jax.lax.conv_general_dilated` (the signature
+      `nn.Conv(conv_general_dilated=...)` calls).
+
+  Returns:
+    The convolution, exactly as `jax.lax.conv_general_dilated`.
+
+  References:
+    Dumoulin, Visin, "A guide to convolution arithmetic for deep learning",
+    2016 (the transposed convolution); XLA:CPU YNNPACK fusions.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    >>> k = jnp.ones((3, 3, 1, 2))
+    >>> args = (x, k, (1, 1), "SAME")
+    >>> dn = dict(dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    >>> bool(jnp.all(conv_general_dilated(*args, **dn)
+    ...              == jax.lax.conv_general_dilated(*args, **dn)))
+    True
+    >>> g = jax.grad(lambda x: jnp.sum(conv_general_dilated(
+    ...     x, k, (1, 1), "SAME", **dn) ** 2))(x)
+    >>> g_ref = jax.grad(lambda x: jnp.sum(jax.lax.conv_general_dilated(
+    ...     x, k, (1, 1), "SAME", **dn) ** 2))(x)
+    >>> bool(jnp.allclose(g, g_ref))
+    True
+  """
+  pads = _stride1_pads(lhs, rhs, window_strides, padding, lhs_dilation,
+                       rhs_dilation, dimension_numbers, feature_group_count,
+                       batch_group_count, preferred_element_type)
+  if pads is None or jnp.result_type(lhs) != jnp.result_type(rhs):
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision,
+        preferred_element_type=preferred_element_type)
+  # Under `jax.shard_map` a replicated kernel meets a per-device input; the
+  # custom rule must return a per-device kernel gradient, so the kernel is
+  # cast to varying first (JAX sums the gradient over devices, as for lax's).
+  vma_lhs, vma_rhs = _vma(lhs), _vma(rhs)
+  lhs = _to_varying(lhs, vma_rhs - vma_lhs)
+  rhs = _to_varying(rhs, vma_lhs - vma_rhs)
+  return _fast_conv(lhs, rhs, pads, precision)
+
+
+def _vma(x) -> frozenset:
+  """The shard_map mesh axes along which `x` varies (empty outside)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "mat", None)  # jax 0.10: the manual axis type.
+  varying = getattr(mat, "varying", None)
+  if varying is None:
+    varying = getattr(aval, "vma", None)  # Older jax.
+  return frozenset(varying or ())
+
+
+def _to_varying(x, axes):
+  return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
+
+
 class MnistCNN(nn.Module):
   """Madry's MNIST CNN (also the paper's Fashion-MNIST model), parameterised.
 
@@ -190,6 +355,9 @@ class MnistCNN(nn.Module):
     dense_features: width of the hidden FC layer.
     activation: a name in `ACTIVATIONS`; the paper uses "relu" and its
       attribution attack "softplus". Parameters do not depend on it.
+    fast_conv_grad: convolve with `conv_general_dilated` (same values and
+      derivatives, faster in loops on CPU, reverse mode only); False uses
+      `lax.conv_general_dilated` (needed for `jax.jvp` through the model).
 
   References:
     Madry et al. 2018, MNIST challenge `model.py`; RAR spec Sec. 5.1.
@@ -207,6 +375,7 @@ class MnistCNN(nn.Module):
   kernel_size: int = 5
   dense_features: int = 1024
   activation: str = "relu"
+  fast_conv_grad: bool = True
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
@@ -225,7 +394,8 @@ class MnistCNN(nn.Module):
     for i, features in enumerate(self.conv_features):
       x = nn.Conv(features, (self.kernel_size, self.kernel_size),
                   padding="SAME", kernel_init=kernel_init,
-                  bias_init=bias_init, name=f"conv{i + 1}")(x)
+                  bias_init=bias_init, name=f"conv{i + 1}",
+                  conv_general_dilated=_conv_fn(self.fast_conv_grad))(x)
       x = max_pool_2x2(act(x))
     x = x.reshape((x.shape[0], -1))
     x = nn.Dense(self.dense_features, kernel_init=kernel_init,
@@ -278,6 +448,7 @@ class ResidualUnit(nn.Module):
     stride: stride of the first conv (and of the shortcut pooling).
     activate_before_residual: see above (first unit of the first stage).
     activation: a name in `ACTIVATIONS`.
+    fast_conv_grad: as `MnistCNN.fast_conv_grad`.
 
   References:
     He, Zhang, Ren, Sun, "Identity Mappings in Deep Residual Networks", ECCV
@@ -295,6 +466,7 @@ class ResidualUnit(nn.Module):
   stride: int = 1
   activate_before_residual: bool = False
   activation: str = "leaky_relu"
+  fast_conv_grad: bool = True
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -319,9 +491,9 @@ class ResidualUnit(nn.Module):
     else:
       shortcut = x
       x = act(x)
-    x = _conv3x3(self.features, self.stride, "conv1")(x)
+    x = _conv3x3(self.features, self.stride, "conv1", self.fast_conv_grad)(x)
     x = act(x)
-    x = _conv3x3(self.features, 1, "conv2")(x)
+    x = _conv3x3(self.features, 1, "conv2", self.fast_conv_grad)(x)
     if self.stride > 1:
       shortcut = nn.avg_pool(shortcut, (self.stride, self.stride),
                              strides=(self.stride, self.stride),
@@ -332,13 +504,19 @@ class ResidualUnit(nn.Module):
     return x + shortcut
 
 
-def _conv3x3(features: int, stride: int, name: str) -> nn.Conv:
+def _conv_fn(fast: bool):
+  return conv_general_dilated if fast else None  # None: lax's own.
+
+
+def _conv3x3(features: int, stride: int, name: str,
+             fast_conv_grad: bool) -> nn.Conv:
   # TF code: random_normal(stddev=sqrt(2 / (3*3*out))), untruncated; flax
   # kernels are [3, 3, in, out], so fan_out = 9 * out; "normal" is the
   # untruncated normal in jax.nn.initializers.variance_scaling.
   return nn.Conv(
       features, (3, 3), strides=(stride, stride), padding="SAME",
       use_bias=False, name=name,
+      conv_general_dilated=_conv_fn(fast_conv_grad),
       kernel_init=jax.nn.initializers.variance_scaling(
           2.0, "fan_out", "normal"))
 
@@ -361,6 +539,7 @@ class ResNet(nn.Module):
     stage_strides: stride of the first unit of each stage.
     activation: a name in `ACTIVATIONS`; the paper uses "leaky_relu" and its
       attribution attack "leaky_softplus". Parameters do not depend on it.
+    fast_conv_grad: as `MnistCNN.fast_conv_grad` (stride-1 convs only).
 
   References:
     Madry et al. 2018, CIFAR10 challenge `model.py`; RAR spec Sec. 5.2-5.3.
@@ -381,6 +560,7 @@ class ResNet(nn.Module):
   stage_features: Sequence[int] = (16, 32, 64)
   stage_strides: Sequence[int] = (1, 2, 2)
   activation: str = "leaky_relu"
+  fast_conv_grad: bool = True
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
@@ -398,7 +578,7 @@ class ResNet(nn.Module):
           f"{tuple(self.stage_strides)} must have the same length.")
     act = get_activation(self.activation)
     x = per_image_standardization(inputs)
-    x = _conv3x3(self.stem_features, 1, "init_conv")(x)
+    x = _conv3x3(self.stem_features, 1, "init_conv", self.fast_conv_grad)(x)
     for stage, (features, stride) in enumerate(
         zip(self.stage_features, self.stage_strides, strict=True)):
       for unit in range(self.num_units_per_stage):
@@ -406,6 +586,7 @@ class ResNet(nn.Module):
             features, stride=stride if unit == 0 else 1,
             activate_before_residual=(stage == 0 and unit == 0),
             activation=self.activation,
+            fast_conv_grad=self.fast_conv_grad,
             name=f"unit_{stage + 1}_{unit}")(x)
     x = jnp.mean(act(x), axis=(1, 2))
     # TF uniform_unit_scaling_initializer(factor=1.0): U(+-sqrt(3 / fan_in)).

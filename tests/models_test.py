@@ -297,3 +297,110 @@ def test_odd_channel_difference_raises():
                            stage_features=(2, 5, 8))
   with pytest.raises(ValueError, match="in=2, out=5"):
     jax.eval_shape(model.init, _KEY, jnp.zeros((1, 8, 8, 3)))
+
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _lax_conv(x, k, strides, padding):
+  return jax.lax.conv_general_dilated(x, k, strides, padding,
+                                      dimension_numbers=_DN)
+
+
+def _fast_conv(x, k, strides, padding):
+  return models.conv_general_dilated(x, k, strides, padding,
+                                     dimension_numbers=_DN)
+
+
+@pytest.mark.parametrize("kernel,strides,padding", [
+    ((5, 5), (1, 1), "SAME"),            # the MNIST CNN's convs
+    ((3, 3), (1, 1), "SAME"),            # the ResNets' stride-1 convs
+    ((2, 3), (1, 1), "SAME"),            # even size: asymmetric pads
+    ((3, 3), (1, 1), "VALID"),
+    ((3, 3), (1, 1), ((2, 0), (1, 2))),  # explicit, asymmetric
+    ((3, 3), (2, 2), "SAME"),            # stride 2: lax's own path
+])
+def test_fast_conv_equals_lax_conv_to_third_order(kernel, strides, padding):
+  x = jnp.asarray(_RNG.normal(size=(2, 7, 6, 3)), jnp.float32)
+  k = jnp.asarray(_RNG.normal(size=kernel + (3, 4)), jnp.float32)
+  for conv in (_lax_conv, _fast_conv):
+    assert conv(x, k, strides, padding).shape == _lax_conv(
+        x, k, strides, padding).shape
+
+  def derivatives(conv):
+    f = lambda x, k: jnp.sum(jnp.sin(conv(x, k, strides, padding)))
+    gx = lambda x, k: jax.grad(f)(x, k)
+    # Second order (the training regulariser: d/dk of the input gradient)
+    # and third order (d/dx of a second-order quantity, as in the attack).
+    g2 = lambda x, k: jnp.sum(jnp.cos(gx(x, k)))
+    g3 = lambda x, k: jnp.sum(jax.grad(g2, argnums=1)(x, k) ** 2)
+    return (conv(x, k, strides, padding), *jax.grad(f, (0, 1))(x, k),
+            *jax.grad(g2, (0, 1))(x, k), *jax.grad(g3, (0, 1))(x, k))
+
+  for got, want in zip(jax.jit(lambda: derivatives(_fast_conv))(),
+                       jax.jit(lambda: derivatives(_lax_conv))()):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_fast_conv_grad_models_agree_inside_loops(tiny):
+  """Same params, same logits, same IG (chunked: a lax.scan) either way."""
+  from rar_jax import attribution  # pylint: disable=g-import-not-at-top
+  for name, (init_fn, apply_fn, _, params, inputs) in tiny.items():
+    _, plain_fn, _ = models.make_apply_fns(name, num_classes=3,
+                                           fast_conv_grad=False)
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        params, jax.jit(init_fn)(_KEY, inputs))
+    np.testing.assert_array_equal(apply_fn(params, inputs),
+                                  jax.jit(plain_fn)(params, inputs))
+
+    def ig(fn, params):
+      f = lambda z: fn(params, z)[:, 0]
+      return attribution.integrated_gradients(f, inputs, num_steps=6,
+                                              chunk_size=2)
+
+    def reg(fn):
+      return jax.grad(lambda p: jnp.sum(jnp.abs(ig(fn, p))))(params)
+
+    fast, plain = jax.jit(lambda: (ig(models.make_apply_fns(
+        name, num_classes=3)[1], params), reg(models.make_apply_fns(
+            name, num_classes=3)[1])))(), jax.jit(
+                lambda: (ig(plain_fn, params), reg(plain_fn)))()
+    chex.assert_trees_all_close(fast, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_mode_needs_plain_convs():
+  x = jnp.ones((1, 8, 8, 1))
+  for fast in (True, False):
+    init_fn, apply_fn, _ = models.make_apply_fns(
+        "tiny_cnn", num_classes=3, fast_conv_grad=fast)
+    params = jax.jit(init_fn)(_KEY, x)
+    jvp = lambda: jax.jvp(lambda z: apply_fn(params, z), (x,), (x,))
+    if fast:
+      with pytest.raises(TypeError, match="custom_vjp"):
+        jvp()
+    else:
+      assert jvp()[1].shape == (1, 3)
+
+
+def test_fast_conv_gradients_under_shard_map_match_lax():
+  """A replicated kernel and per-device inputs: same gradients as lax's."""
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((jax.device_count(),), ("batch",))
+  x = jax.device_put(
+      jnp.asarray(_RNG.normal(size=(2 * jax.device_count(), 6, 5, 2)),
+                  jnp.float32), NamedSharding(mesh, PartitionSpec("batch")))
+  k = jax.device_put(jnp.asarray(_RNG.normal(size=(3, 3, 2, 4)), jnp.float32),
+                     NamedSharding(mesh, PartitionSpec()))
+
+  def grads(conv):
+    def per_device(x, k):
+      f = lambda x, k: jnp.sum(jnp.sin(conv(x, k, (1, 1), "SAME")))
+      gx, gk = jax.grad(f, (0, 1))(x, k)
+      return gx, jax.lax.psum(gk, "batch")
+    return jax.jit(lambda x, k: jax.shard_map(
+        per_device, mesh=mesh,
+        in_specs=(PartitionSpec("batch"), PartitionSpec()),
+        out_specs=(PartitionSpec("batch"), PartitionSpec()))(x, k))(x, k)
+
+  chex.assert_trees_all_close(grads(_fast_conv), grads(_lax_conv), rtol=1e-5,
+                              atol=1e-6)

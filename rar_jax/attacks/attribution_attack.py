@@ -60,7 +60,7 @@ SALIENCIES = ("ig", "gradient")
 
 
 def saliency_fn(apply_fn, params, labels, *, saliency="ig", num_ig_steps=100,
-                chunk_size=None):
+                chunk_size="auto"):
   """`x [N, H, W(, C)] -> S(x) [N, H, W]`: the paper's evaluation saliency.
 
   IG (black baseline, `num_ig_steps` right-Riemann points) or the plain
@@ -72,7 +72,8 @@ def saliency_fn(apply_fn, params, labels, *, saliency="ig", num_ig_steps=100,
     labels: `[N]` int classes whose logit is explained.
     saliency: `"ig"` or `"gradient"`.
     num_ig_steps: IG points (the paper: 100).
-    chunk_size: IG points evaluated at once (None: all).
+    chunk_size: IG points evaluated at once, as in `integrated_gradients`
+      (None: all; "auto": by device).
 
   Returns:
     A function from inputs `[N, H, W, C]` to maps `[N, H, W]`.
@@ -149,7 +150,7 @@ def attribution_attack(
     clip_min: Optional[float] = 0.0,
     clip_max: Optional[float] = 1.0,
     quantize: bool = False,
-    chunk_size: Optional[int] = None,
+    chunk_size: Optional[int] | str = "auto",
 ) -> dict[str, Array]:
   """Attacks the saliency maps of a batch of images; returns per-example results.
 
@@ -178,7 +179,8 @@ def attribution_attack(
     clip_min: lower end of the pixel box (None: open).
     clip_max: upper end of the pixel box (None: open).
     quantize: truncate pixels to integers after every step (GTSRB/Flower).
-    chunk_size: IG points evaluated at once (bounds memory).
+    chunk_size: IG points evaluated at once (bounds memory), as in
+      `integrated_gradients` (None: all; "auto", the default: by device).
 
   Returns:
     A dict of arrays with a leading `[N]` axis:

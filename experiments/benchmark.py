@@ -1,0 +1,1169 @@
+r"""Benchmarks rar_jax on the device JAX sees: CPU, GPU or TPU (absl binary).
+
+  python -m experiments.benchmark --output_json=/tmp/benchmark.json
+  python -m experiments.benchmark --workloads=ig,pgd --repeats=3 \
+      --sweeps=batch,ig_steps,devices --output_json=/tmp/benchmark.json
+
+The defaults are the paper's MNIST settings on `mnist_cnn` (spec Sec. 3.2,
+4.2; `experiments/configs/paper.py`) with random parameters (fixed seed:
+throughput does not depend on training) and real digits (the embedded MNIST
+sample, or --data_npz). Workloads (--workloads, default all):
+
+  matmul_peak  jnp.dot of two square float32 matrices, default precision (as
+               the workloads): the measured FLOP/s peak that every other
+               record's `fraction_of_peak` divides by (always measured).
+  ig           Integrated Gradients of the label logit, batch 64, 100 and 50
+               points (--ig_steps), optionally in chunks (--chunk_size).
+  pgd          L-inf PGD on the cross-entropy: eps 0.3, step 0.01, 40 steps,
+               random start, batch 50.
+  train        one `rar_jax.train.train_step` (loss, gradient, Adam update)
+               per objective (--objectives): batch 50, m = 50 IG points,
+               approx_factor 5, 40 PGD steps.
+  attack       the top-k attribution attack (k_top 200, eval_k 100): 100
+               steps x 3 restarts, 100 IG points, seconds per example; with
+               --attack_single also one example at a time, and the speed-up.
+
+Sweeps (--sweeps): `batch` (ig and a train step of --sweep_objective over
+--sweep_batch_sizes), `ig_steps` (ig over --sweep_ig_steps without and with
+chunking; compare `temp_size_in_bytes`), `devices` (the data-parallel train
+step of `rar_jax.train` on 1, 2, 4, ... devices, --train_batch per device;
+steps/s and scaling efficiency against 1 device). On CPU, try the devices
+sweep with XLA_FLAGS=--xla_force_host_platform_device_count=4 (fake devices
+share the cores: it checks the machinery, not the scaling).
+
+Each record has the lowering and compile times (a program that two records
+share is compiled once: `compiled_earlier`), `--warmup` untimed and
+`--repeats` timed runs (median, min, max seconds), examples/s (seconds per
+example for the attack; steps/s for train steps), FLOPs, the achieved FLOP/s
+and its `fraction_of_peak` (of the peak times the devices used), and
+`compiled.memory_analysis()` (`memory`, per device; `peak_memory_bytes` =
+argument + output + temp - alias; XLA's own live-range peak is
+`memory.peak_memory_in_bytes` where the backend reports it).
+
+FLOPs: XLA's cost analysis counts the body of a loop once, whatever its trip
+count (a `lax.fori_loop` of N matmuls reports the FLOPs of one). Programs with
+loops (PGD, the attack, chunked IG, the training steps) therefore add, for
+every `scan`, the cost analysis of its body compiled on its own times its
+trip count, less what XLA counted (`flops_method` says which; the raw count
+is `flops_xla_raw`). `flops_matmul_jaxpr` counts the live convolutions and
+matmuls of the jaxpr (trip counts included, padding taps not), a lower bound
+independent of XLA; for `MnistCNN`-family models the ig and pgd records also
+compare with the hand count of the module's `analytic_flops`
+(`flops_over_analytic`, about 0.89 on mnist_cnn: XLA skips padding taps).
+Prints a table and writes the header and records as JSON (--output_json).
+"""
+
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+
+# `experiments.configs` must be importable when this file is run as a script.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.extend.core as jax_core  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jaxlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from experiments.configs import paper  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rar_jax import data as data_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rar_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rar_jax import objectives  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rar_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rar_jax.attacks import attribution_attack  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rar_jax.attacks import pgd  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rar_jax.attribution import auto_chunk_size
+from rar_jax.attribution import integrated_gradients  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+WORKLOADS = ("matmul_peak", "ig", "pgd", "train", "attack")
+SWEEPS = ("batch", "ig_steps", "devices")
+TRAIN_OBJECTIVES = ("natural", "madry", "trades", "ig_norm", "ig_sum_norm")
+NUM_CLASSES = 10
+# Chunk size of the ig_steps sweep's chunked runs when --chunk_size is unset.
+DEFAULT_SWEEP_CHUNK = 10
+_MIB = 2.0 ** 20
+
+
+@dataclasses.dataclass
+class Settings:
+  """What to run; the defaults are the paper's MNIST settings.
+
+  None for `matmul_size` and `attack_batch` picks a size for the platform
+  (CPU: 2048 and 4; GPU/TPU: 8192 and 32).
+  """
+  workloads: Sequence[str] = WORKLOADS
+  model: str = "mnist_cnn"
+  repeats: int = 5
+  warmup: int = 1
+  matmul_size: Optional[int] = None
+  ig_batch: int = 64
+  ig_steps: Sequence[int] = (100, 50)
+  chunk_size: Optional[int] = None
+  pgd_batch: int = 50
+  pgd_steps: Sequence[int] = (40,)
+  train_batch: int = 50
+  train_ig_steps: int = 50
+  train_approx_factor: int = 5
+  train_pgd_steps: int = 40
+  objectives: Sequence[str] = TRAIN_OBJECTIVES
+  attack_batch: Optional[int] = None
+  attack_steps: int = 100
+  attack_restarts: int = 3
+  attack_ig_steps: int = 100
+  attack_single: bool = False
+  attack_chunk_size: Optional[int] = None
+  sweeps: Sequence[str] = ()
+  sweep_batch_sizes: Sequence[int] = (1, 8, 32, 64, 128)
+  sweep_ig_steps: Sequence[int] = (10, 25, 50, 100, 200)
+  sweep_objective: str = "ig_norm"
+  parallel: str = "pmap"
+  data_npz: Optional[str] = None
+  rng_seed: int = 0
+
+
+# --- Checking the settings (one clear line per bad value). -------------------
+
+
+def _check_int(name, value, minimum, *, allow_none=False):
+  if allow_none and value is None:
+    return
+  if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+      or value < minimum):
+    raise ValueError(
+        f"--{name}={value!r} is not accepted; it must be an int >= {minimum}"
+        + (" (or unset)" if allow_none else "") + ".")
+
+
+def _check_names(name, values, accepted, *, allow_empty=False):
+  values = list(values)
+  if not values and not allow_empty:
+    raise ValueError(f"--{name} is empty; accepted: a comma-separated list "
+                     f"of {', '.join(accepted)}.")
+  unknown = [v for v in values if v not in accepted]
+  if unknown:
+    raise ValueError(f"--{name}={','.join(map(str, values))} has unknown "
+                     f"name(s) {unknown}; accepted: {', '.join(accepted)}.")
+
+
+def check_settings(s: Settings) -> None:
+  """Raises a one-line ValueError naming the first bad setting (flag).
+
+  Args:
+    s: the settings.
+
+  Raises:
+    ValueError: an unknown workload, sweep, objective, model or parallel
+      kind, a size or count out of range, `train_approx_factor` not dividing
+      `train_ig_steps`, a missing --data_npz file.
+  """
+  _check_names("workloads", s.workloads, WORKLOADS)
+  _check_names("sweeps", s.sweeps, SWEEPS, allow_empty=True)
+  _check_names("objectives", s.objectives, TRAIN_OBJECTIVES,
+               allow_empty="train" not in s.workloads)
+  _check_names("sweep_objective", [s.sweep_objective], TRAIN_OBJECTIVES)
+  _check_names("model", [s.model], models.MODEL_NAMES)
+  _check_names("parallel", [s.parallel], train.PARALLEL)
+  _check_int("repeats", s.repeats, 1)
+  _check_int("warmup", s.warmup, 0)
+  _check_int("rng_seed", s.rng_seed, 0)
+  for name in ("matmul_size", "chunk_size", "attack_batch",
+               "attack_chunk_size"):
+    _check_int(name, getattr(s, name), 1, allow_none=True)
+  for name in ("ig_batch", "pgd_batch", "train_batch",
+               "train_ig_steps", "train_approx_factor", "train_pgd_steps",
+               "attack_steps", "attack_restarts", "attack_ig_steps"):
+    _check_int(name, getattr(s, name), 1)
+  for name in ("ig_steps", "pgd_steps", "sweep_batch_sizes",
+               "sweep_ig_steps"):
+    values = list(getattr(s, name))
+    if not values:
+      raise ValueError(f"--{name} is empty; accepted: a comma-separated list "
+                       "of ints >= 1.")
+    for v in values:
+      if (isinstance(v, bool) or not isinstance(v, (int, np.integer))
+          or v < 1):
+        raise ValueError(
+            f"--{name}={','.join(map(str, values))} has {v!r}, which is not "
+            "accepted; accepted: a comma-separated list of ints >= 1.")
+  if s.train_ig_steps % s.train_approx_factor:
+    divisors = [d for d in range(1, s.train_ig_steps + 1)
+                if s.train_ig_steps % d == 0]
+    raise ValueError(
+        f"--train_approx_factor={s.train_approx_factor} does not divide "
+        f"--train_ig_steps={s.train_ig_steps}; accepted: a divisor of it "
+        f"({divisors}).")
+  if s.data_npz is not None and not os.path.isfile(s.data_npz):
+    raise ValueError(f"--data_npz={s.data_npz!r} is not a file; accepted: a "
+                     ".npz file with 'images' [N, 28, 28(, 1)] uint8 and "
+                     "'labels' [N] (e.g. /work/shared/data/mnist_10k.npz).")
+
+
+# --- FLOPs: XLA's cost analysis, with loops counted trip-count times. --------
+
+
+def _xla_flops(compiled) -> float:
+  """FLOPs of a compiled program as XLA reports them (per device)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):   # older jaxlibs: one dict per program
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def _sub_jaxprs(eqn):
+  return list(jax_core.jaxprs_in_params(eqn.params))
+
+
+def _live_eqns(jaxpr, used_outputs=None):
+  """`(eqn, used)` of the equations whose results are used, last first.
+
+  XLA drops the others (dead-code elimination), so neither FLOP count may
+  count them (e.g. the weight gradient of a custom VJP when only the input
+  gradient is needed).
+  """
+  if used_outputs is None:
+    used_outputs = [True] * len(jaxpr.outvars)
+  live = {v for v, used in zip(jaxpr.outvars, used_outputs)
+          if used and isinstance(v, jax_core.Var)}
+  for eqn in reversed(jaxpr.eqns):
+    used = [v in live for v in eqn.outvars]
+    if not any(used) and not eqn.effects:
+      continue
+    live.update(v for v in eqn.invars if isinstance(v, jax_core.Var))
+    yield eqn, used
+
+
+def _sub_jaxprs_used(eqn, used):
+  """Sub-jaxprs of a call-like equation with the outputs that are used."""
+  return [(sub, used if len(sub.outvars) == len(used) else None)
+          for sub in _sub_jaxprs(eqn)]
+
+
+def _loop_correction(jaxpr, used_outputs, cache, notes) -> float:
+  """FLOPs that XLA's count of `jaxpr` misses because it counts loops once.
+
+  A scan of length L whose body XLA's count has c times (c = 1, or with
+  `unroll` the copies in the loop and the remainder) adds
+  `L * true(body) - c * once(body)`, where once() is XLA's cost analysis of
+  the body compiled on its own and true() adds the body's own loops.
+  """
+  extra = 0.0
+  for eqn, used in _live_eqns(jaxpr, used_outputs):
+    name = eqn.primitive.name
+    if name == "scan":
+      body, length = eqn.params["jaxpr"], eqn.params["length"]
+      unroll = eqn.params.get("unroll", 1)
+      unroll = length if unroll is True else max(1, int(unroll))
+      # JAX emits `unroll` copies in the loop and the remainder inline.
+      copies = length if unroll >= length else unroll + length % unroll
+      once, true = _body_flops(body, cache, notes)
+      extra += length * true - copies * once
+    elif name == "while":
+      notes.add("a while loop of unknown trip count counted once")
+      extra += _loop_correction(eqn.params["body_jaxpr"].jaxpr, None, cache,
+                                notes)
+    elif name == "cond":
+      extra += max(_loop_correction(b.jaxpr, used, cache, notes)
+                   for b in eqn.params["branches"])
+    else:
+      for sub, sub_used in _sub_jaxprs_used(eqn, used):
+        extra += _loop_correction(sub, sub_used, cache, notes)
+  return extra
+
+
+def _body_flops(body, cache, notes) -> tuple[float, float]:
+  """(XLA's count of a loop body compiled alone, its count with its loops)."""
+  if id(body) not in cache:
+    avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in body.in_avals]
+    compiled = jax.jit(jax_core.jaxpr_as_fun(body)).lower(*avals).compile()
+    once = _xla_flops(compiled)
+    cache[id(body)] = (body, once, once + _loop_correction(
+        body.jaxpr, None, cache, notes))
+  return cache[id(body)][1:]
+
+
+def _has_loops(jaxpr, used_outputs=None) -> bool:
+  for eqn, used in _live_eqns(jaxpr, used_outputs):
+    if eqn.primitive.name in ("scan", "while"):
+      return True
+    if any(_has_loops(sub, sub_used)
+           for sub, sub_used in _sub_jaxprs_used(eqn, used)):
+      return True
+  return False
+
+
+def _in_bounds_taps(in_size, kernel, out_size, *, stride=1, pad_lo=0,
+                    lhs_dilation=1, rhs_dilation=1) -> int:
+  """(output position, kernel tap) pairs of one conv dimension that read the
+  input rather than padding (what XLA's cost analysis counts)."""
+  out = np.arange(out_size)[:, None]
+  tap = np.arange(kernel)[None, :]
+  pos = out * stride + tap * rhs_dilation - pad_lo
+  valid = ((pos >= 0) & (pos < (in_size - 1) * lhs_dilation + 1)
+           & (pos % lhs_dilation == 0))
+  return int(valid.sum())
+
+
+def _conv_flops(eqn) -> float:
+  p = eqn.params
+  lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+  lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+  out = eqn.outvars[0].aval.shape
+  taps = 1
+  for d in range(len(lhs_spec) - 2):
+    taps *= _in_bounds_taps(
+        lhs[lhs_spec[2 + d]], rhs[rhs_spec[2 + d]], out[out_spec[2 + d]],
+        stride=p["window_strides"][d], pad_lo=p["padding"][d][0],
+        lhs_dilation=p["lhs_dilation"][d] if p["lhs_dilation"] else 1,
+        rhs_dilation=p["rhs_dilation"][d] if p["rhs_dilation"] else 1)
+  # Every output element sums over the kernel's input features (per group)
+  # and the in-bounds taps.
+  return 2.0 * out[out_spec[0]] * out[out_spec[1]] * rhs[rhs_spec[1]] * taps
+
+
+def matmul_flops_from_jaxpr(jaxpr, used_outputs=None) -> float:
+  """Convolution and matmul FLOPs (2 per multiply-add) of a jaxpr, per device.
+
+  Counts what XLA runs: equations whose results are unused are dropped (as
+  XLA's dead-code elimination does, e.g. the weight gradient of a custom
+  VJP when only the input gradient is needed), convolution taps that fall on
+  padding are not counted, loops count trip-count times (a while loop of
+  unknown trip count once). Elementwise work is left out, so this is a lower
+  bound of the true count that does not depend on XLA's cost analysis.
+
+  Args:
+    jaxpr: a `Jaxpr` (e.g. `jax.make_jaxpr(fn)(*args).jaxpr`).
+    used_outputs: which outputs are used (None: all).
+
+  Returns:
+    The FLOPs of the live `dot_general` and `conv_general_dilated`
+    equations.
+  """
+  return sum(_eqn_matmul_flops(eqn, used)
+             for eqn, used in _live_eqns(jaxpr, used_outputs))
+
+
+def _eqn_matmul_flops(eqn, used) -> float:
+  name = eqn.primitive.name
+  if name == "dot_general":
+    (contract, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval.shape
+    return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+        lhs[d] for d in contract)
+  if name == "conv_general_dilated":
+    return _conv_flops(eqn)
+  if name == "scan":   # the carry feeds back: every body output counts
+    return eqn.params["length"] * matmul_flops_from_jaxpr(
+        eqn.params["jaxpr"].jaxpr)
+  if name == "while":
+    return matmul_flops_from_jaxpr(eqn.params["body_jaxpr"].jaxpr)
+  if name == "cond":
+    return max(matmul_flops_from_jaxpr(b.jaxpr, used)
+               for b in eqn.params["branches"])
+  # jit, custom_jvp_call, custom_vjp_call, shard_map, ...
+  return sum(matmul_flops_from_jaxpr(sub, sub_used)
+             for sub, sub_used in _sub_jaxprs_used(eqn, used))
+
+
+def count_flops(fn, args, compiled, *, num_devices=1,
+                jaxpr=None) -> dict[str, Any]:
+  """FLOPs of `fn(*args)` (all devices) with the method used to count them.
+
+  Args:
+    fn: the traceable function that `compiled` was compiled from.
+    args: its arguments.
+    compiled: `fn.lower(*args).compile()`.
+    num_devices: devices the program runs on (its cost analysis and jaxpr
+      count one device; the totals multiply by this).
+    jaxpr: `fn`'s jaxpr if already traced (None: traced here).
+
+  Returns:
+    `flops` (the best count), `flops_method`, `flops_xla_raw` (XLA's count
+    with every loop body once), `flops_matmul_jaxpr`, `flops_analysis_s`.
+  """
+  t0 = time.perf_counter()
+  if jaxpr is None:
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  raw = _xla_flops(compiled)
+  notes = set()
+  if _has_loops(jaxpr):
+    flops = raw + _loop_correction(jaxpr, None, {}, notes)
+    method = "xla_cost_analysis+loop_bodies_x_trip_count"
+  else:
+    flops, method = raw, "xla_cost_analysis"
+  if num_devices > 1:
+    method += f"; per_device_x_{num_devices}"
+  if notes:
+    method += "; inexact: " + "; ".join(sorted(notes))
+  matmul = matmul_flops_from_jaxpr(jaxpr)
+  # XLA's count includes the convolutions and matmuls: below them, XLA ran
+  # the loops otherwise than assumed (e.g. unrolled or split them).
+  if flops < 0.95 * matmul:
+    logging.warning("FLOPs by XLA (%.4g, %s) are below the jaxpr's matmul "
+                    "FLOPs (%.4g); check flops_method.", flops, method,
+                    matmul)
+  return dict(flops=flops * num_devices, flops_method=method,
+              flops_xla_raw=raw * num_devices,
+              flops_matmul_jaxpr=matmul * num_devices,
+              flops_analysis_s=time.perf_counter() - t0)
+
+
+def analytic_flops(model_name: str, image_shape) -> Optional[dict[str, float]]:
+  """Per-example conv + FC FLOPs of an `MnistCNN`-family model, by hand.
+
+  `forward = 2 * (sum_conv H W C_in C_out k^2 + sum_fc in * out)` (for
+  mnist_cnn on 28x28x1: 2 * (28*28*32*25 + 14*14*64*32*25 + 3136*1024 +
+  1024*10) = 27.8 MFLOP); `forward_in_bounds` counts only the conv taps that
+  fall inside the image (SAME padding), as XLA does. The input gradient that
+  IG and PGD need costs one more forward pass (every layer's input gradient,
+  the first conv's included; no weight gradients).
+
+  Args:
+    model_name: a name in `models.MODEL_NAMES`.
+    image_shape: `(H, W, C)`.
+
+  Returns:
+    `{"forward", "forward_in_bounds", "forward_and_input_grad"}` FLOPs per
+    example (the last is `2 * forward`), or None for models outside the
+    `MnistCNN` family.
+  """
+  model = models.get_model(model_name, num_classes=NUM_CLASSES)
+  if not isinstance(model, models.MnistCNN):
+    return None
+  h, w, c = image_shape
+  k = model.kernel_size
+  naive = in_bounds = 0.0
+  for features in model.conv_features:
+    naive += 2.0 * h * w * c * features * k * k
+    in_bounds += 2.0 * c * features * (
+        _in_bounds_taps(h, k, h, pad_lo=(k - 1) // 2)
+        * _in_bounds_taps(w, k, w, pad_lo=(k - 1) // 2))
+    h, w, c = -(-h // 2), -(-w // 2), features
+  fc = 2.0 * (h * w * c * model.dense_features
+              + model.dense_features * NUM_CLASSES)
+  return {"forward": naive + fc, "forward_in_bounds": in_bounds + fc,
+          "forward_and_input_grad": 2.0 * (naive + fc)}
+
+
+# --- Timing one compiled program. --------------------------------------------
+
+
+def _memory(compiled) -> dict[str, Any]:
+  stats = compiled.memory_analysis()
+  if isinstance(stats, (list, tuple)):
+    stats = stats[0] if stats else None
+  if stats is None:
+    return {"memory": None, "peak_memory_bytes": None,
+            "peak_memory_mib": None}
+  fields = {name: int(getattr(stats, name)) for name in dir(stats)
+            if name.endswith("_in_bytes") and not name.startswith("_")}
+  peak = (fields.get("argument_size_in_bytes", 0)
+          + fields.get("output_size_in_bytes", 0)
+          + fields.get("temp_size_in_bytes", 0)
+          - fields.get("alias_size_in_bytes", 0))
+  return {"memory": fields, "peak_memory_bytes": peak,
+          "peak_memory_mib": peak / _MIB}
+
+
+def _run_timed(call, warmup, repeats) -> list[float]:
+  for _ in range(warmup):
+    jax.block_until_ready(call())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def benchmark_fn(name: str, fn, args, *, settings: Settings, peak: float,
+                 num_examples: Optional[int] = None, num_devices: int = 1,
+                 per_example_seconds: bool = False, cache=None,
+                 cache_key=None, **extra) -> dict[str, Any]:
+  """Compiles, analyses and times one program; returns its record.
+
+  Args:
+    name: the record's name (table row).
+    fn: a jitted (or pmapped) function with `.lower`.
+    args: its arguments (device arrays).
+    settings: `warmup` and `repeats` are read.
+    peak: the measured matmul FLOP/s of one device (NaN: unknown).
+    num_examples: examples per call (None: no throughput).
+    num_devices: devices the program runs on.
+    per_example_seconds: also report `seconds_per_example`.
+    cache: a dict of compiled programs, or None; a program compiled before
+      under `cache_key` is timed again, not recompiled (its record keeps the
+      first compile time and says `compiled_earlier`).
+    cache_key: what identifies the program (hashable).
+    **extra: more fields of the record (workload, sweep, sizes).
+
+  Returns:
+    The record (see the module docstring).
+  """
+  entry, reused = _compile(fn, args, num_devices=num_devices, cache=cache,
+                           cache_key=cache_key)
+  compiled = entry["compiled"]
+  times = _run_timed(lambda: compiled(*args), settings.warmup,
+                     settings.repeats)
+  record = dict(name=name, **extra)
+  record.update(_summary(times, lower_s=entry["lower_s"],
+                         compile_s=entry["compile_s"]))
+  record["compiled_earlier"] = reused
+  record.update(entry["analysis"])
+  _add_rates(record, peak=peak, num_examples=num_examples,
+             num_devices=num_devices, per_example_seconds=per_example_seconds)
+  logging.info("%s: median %.4g s, compile %.3g s", name, record["median_s"],
+               record["compile_s"])
+  return record
+
+
+def _compile(fn, args, *, num_devices=1, cache=None, cache_key=None,
+             count=True):
+  """`({"compiled", "lower_s", "compile_s", "analysis"}, reused)`.
+
+  `analysis` holds the FLOP counts (if `count`) and the memory analysis; an
+  entry of `cache` under `cache_key` is returned as it is.
+  """
+  if cache is not None and cache_key in cache:
+    return cache[cache_key], True
+  t0 = time.perf_counter()
+  if hasattr(fn, "trace"):   # jit: trace once for the lowering and the FLOPs
+    traced = fn.trace(*args)
+    jaxpr, lowered = traced.jaxpr.jaxpr, traced.lower()
+  else:                      # pmap
+    jaxpr, lowered = None, fn.lower(*args)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  analysis = _memory(compiled)
+  if count:
+    analysis.update(count_flops(fn, args, compiled, num_devices=num_devices,
+                                jaxpr=jaxpr))
+  entry = dict(compiled=compiled, lower_s=t1 - t0, compile_s=t2 - t1,
+               analysis=analysis)
+  if cache is not None:
+    cache[cache_key] = entry
+  return entry, False
+
+
+def _summary(times, **fields):
+  return dict(fields, repeats=len(times), times_s=times,
+              median_s=statistics.median(times), min_s=min(times),
+              max_s=max(times))
+
+
+def _add_rates(record, *, peak, num_examples, num_devices=1,
+               per_example_seconds=False):
+  median = record["median_s"]
+  record["num_devices"] = num_devices
+  record["num_examples"] = num_examples
+  record["examples_per_s"] = (num_examples / median if num_examples
+                              else None)
+  if per_example_seconds:
+    record["seconds_per_example"] = median / num_examples
+  flops = record.get("flops")
+  record["flops_per_s"] = (flops / median if flops is not None
+                           and math.isfinite(flops) else None)
+  record["fraction_of_peak"] = (
+      record["flops_per_s"] / (peak * num_devices)
+      if record["flops_per_s"] is not None and math.isfinite(peak) and peak > 0
+      else None)
+
+
+# --- The workloads. ----------------------------------------------------------
+
+
+def _platform_default(value, cpu, accelerator):
+  if value is not None:
+    return value
+  return cpu if jax.default_backend() == "cpu" else accelerator
+
+
+def load_images(settings: Settings) -> tuple[np.ndarray, np.ndarray]:
+  """Real digits: the embedded MNIST sample's train split, or --data_npz.
+
+  Args:
+    settings: `data_npz` is read.
+
+  Returns:
+    `(images float32 [N, 28, 28, 1] in [0, 1], labels int32 [N])`.
+  """
+  if settings.data_npz is None:
+    return data_lib.load_dataset("embedded_mnist", "train")
+  return data_lib.load_dataset("npz:" + settings.data_npz, "train",
+                               pixel_max=1.0)
+
+
+def _batch(images, labels, size):
+  """The first `size` examples (cycled when the data set is smaller)."""
+  idx = np.arange(size) % len(labels)
+  return jnp.asarray(images[idx]), jnp.asarray(labels[idx])
+
+
+def _objective_config(name: str, settings: Settings):
+  """The paper's MNIST preset of an objective, with the benchmark's sizes."""
+  if name in paper.METHODS:
+    config = paper.get_config(f"mnist,{name}")
+  else:   # TRADES has no preset: the MNIST Madry settings, beta = lam = 1.
+    config = paper.get_config("mnist,madry")
+    config.objective.name = name
+  config.objective.num_steps = settings.train_pgd_steps
+  config.objective.m = settings.train_ig_steps
+  config.objective.approx_factor = settings.train_approx_factor
+  return config
+
+
+class _Workloads:
+  """The model, parameters, data and paper settings shared by the workloads.
+
+  Each method benchmarks one program and returns its record(s); programs
+  compiled once are kept in `cache` for the sweep points that repeat them.
+  """
+
+  def __init__(self, settings: Settings, peak: float):
+    self.s = settings
+    self.peak = peak
+    self.cache = {}   # programs compiled once, timed by every record of them
+    self.images, self.labels = load_images(settings)
+    self.image_shape = self.images.shape[1:]
+    init_fn, self.apply_fn, self.surrogate_fn = models.make_apply_fns(
+        settings.model, num_classes=NUM_CLASSES)
+    self.key = jax.random.key(settings.rng_seed)
+    self.params = jax.jit(init_fn)(self.key, jnp.asarray(self.images[:1]))
+    self.analytic = analytic_flops(settings.model, self.image_shape)
+    madry = paper.get_config("mnist,madry")
+    self.pgd_kwargs = dict(
+        epsilon=madry.objective.epsilon, step_size=madry.objective.step_size,
+        clip_min=madry.objective.clip_min, clip_max=madry.objective.clip_max)
+    a = madry.attack
+    self.attack_kwargs = dict(
+        epsilon=madry.objective.epsilon, step_size=a.step_size, k_top=a.k_top,
+        eval_k=a.eval_k, clip_min=madry.objective.clip_min,
+        clip_max=madry.objective.clip_max)
+
+  def _analytic(self, record, points):
+    if self.analytic is not None:
+      record["flops_analytic"] = points * self.analytic[
+          "forward_and_input_grad"]
+      record["flops_over_analytic"] = record["flops"] / record[
+          "flops_analytic"]
+    return record
+
+  def ig(self, batch, steps, chunk_size, *, name, **extra):
+    """IG of the label logit, `steps` points, black baseline."""
+    apply_fn = self.apply_fn
+
+    def ig_fn(params, x, y):
+      def logit(z):
+        return jnp.take_along_axis(apply_fn(params, z), y[:, None], -1)[:, 0]
+      return integrated_gradients(logit, x, num_steps=steps,
+                                  chunk_size=chunk_size)
+
+    x, y = _batch(self.images, self.labels, batch)
+    record = benchmark_fn(
+        name, jax.jit(ig_fn), (self.params, x, y), settings=self.s,
+        peak=self.peak, cache=self.cache, cache_key=("ig", batch, steps,
+                                                     chunk_size),
+        num_examples=batch, workload="ig", batch=batch,
+        ig_steps=steps, chunk_size=chunk_size,
+        chunk_size_used=(auto_chunk_size(batch, steps) if chunk_size == "auto"
+                         else chunk_size), **extra)
+    return self._analytic(record, batch * steps)
+
+  def pgd(self, batch, steps):
+    """L-inf PGD on the cross-entropy, random start."""
+    apply_fn, kwargs = self.apply_fn, self.pgd_kwargs
+
+    def pgd_fn(params, x, y, key):
+      ce = lambda z: objectives.cross_entropy(apply_fn(params, z), y)
+      return pgd(ce, x, key=key, num_steps=steps, **kwargs)
+
+    x, y = _batch(self.images, self.labels, batch)
+    record = benchmark_fn(
+        f"pgd B={batch} steps={steps}", jax.jit(pgd_fn),
+        (self.params, x, y, self.key), settings=self.s, peak=self.peak,
+        cache=self.cache, cache_key=("pgd", batch, steps),
+        num_examples=batch, workload="pgd", batch=batch, pgd_steps=steps,
+        **self.pgd_kwargs)
+    return self._analytic(record, batch * steps)
+
+  def train_step(self, objective, per_device_batch, num_devices, *, name,
+                 **extra):
+    """One `rar_jax.train.train_step` on `num_devices` devices."""
+    config = _objective_config(objective, self.s)
+    hyper = train.objective_hyper(config)
+    tx = train.create_optimizer(config.optimizer)
+    # rar_jax.train's data parallelism, as the trainer runs it.
+    parallel = train._Parallel(  # pylint: disable=protected-access
+        self.s.parallel, num_devices)
+    step_fn = parallel.compile(functools.partial(
+        train.train_step, apply_fn=self.apply_fn, objective=objective,
+        hyper=hyper, tx=tx), num_replicated=1)
+    batch = per_device_batch * num_devices
+    x, y = _batch(self.images, self.labels, batch)
+    keys = jax.random.key_data(jax.random.split(self.key, batch))
+    state = {"params": self.params, "opt_state": tx.init(self.params),
+             "step": np.int32(0)}
+    args = (parallel.replicate(jax.device_get(state)),
+            *parallel.shard([np.asarray(x), np.asarray(y),
+                             np.asarray(keys)]))
+    record = benchmark_fn(
+        name, step_fn, args, settings=self.s, peak=self.peak,
+        cache=self.cache,
+        cache_key=("train", objective, per_device_batch, num_devices),
+        num_examples=batch, num_devices=num_devices, workload="train",
+        objective=objective, batch=batch, per_device_batch=per_device_batch,
+        parallel=self.s.parallel,
+        hyper={k: v for k, v in hyper.items() if v is not None}, **extra)
+    record["steps_per_s"] = 1.0 / record["median_s"]
+    return record
+
+  def _attack_fn(self, batch):
+    s, kwargs = self.s, self.attack_kwargs
+    apply_fn, surrogate_fn = self.apply_fn, self.surrogate_fn
+
+    def attack_fn(params, x, y, key):
+      return attribution_attack(
+          apply_fn, params, x, y, surrogate_apply_fn=surrogate_fn, key=key,
+          num_steps=s.attack_steps, num_restarts=s.attack_restarts,
+          num_ig_steps=s.attack_ig_steps,
+          chunk_size=s.attack_chunk_size or "auto",
+          **kwargs)
+
+    x, y = _batch(self.images, self.labels, batch)
+    return jax.jit(attack_fn), (self.params, x, y, self.key)
+
+  def attack(self, batch):
+    """The top-k attribution attack on a batch; seconds per example."""
+    s = self.s
+    sizes = dict(workload="attack", batch=batch, attack_steps=s.attack_steps,
+                 attack_restarts=s.attack_restarts,
+                 attack_ig_steps=s.attack_ig_steps,
+                 chunk_size=s.attack_chunk_size or "auto",
+                 **self.attack_kwargs)
+    fn, args = self._attack_fn(batch)
+    records = [benchmark_fn(
+        f"attack B={batch}", fn, args, settings=s, peak=self.peak,
+        cache=self.cache, cache_key=("attack", batch), num_examples=batch,
+        per_example_seconds=True, **sizes)]
+    if s.attack_single:
+      records.append(self._attack_single(batch, records[0], sizes))
+    return records
+
+  def _attack_single(self, batch, batched, sizes):
+    """The same examples one at a time through one compiled batch-1 attack."""
+    fn, (params, _, _, key) = self._attack_fn(1)
+    x, y = _batch(self.images, self.labels, batch)
+    # With --attack_batch=1 this is the batched run's program.
+    entry, reused = _compile(fn, (params, x[:1], y[:1], key),
+                             cache=self.cache, cache_key=("attack", 1),
+                             count=False)
+    compiled = entry["compiled"]
+    examples = [(x[i:i + 1], y[i:i + 1]) for i in range(batch)]
+
+    def all_examples():
+      return [compiled(params, xi, yi, key) for xi, yi in examples]
+
+    times = _run_timed(all_examples, self.s.warmup, self.s.repeats)
+    record = dict(name=f"attack 1 at a time x{batch}", one_at_a_time=True,
+                  compiled_earlier=reused, **sizes)
+    record.update(_summary(times, lower_s=entry["lower_s"],
+                           compile_s=entry["compile_s"]))
+    # The same arithmetic as the batched program, one example at a time: its
+    # count is taken (a second loop analysis would cost another compile).
+    record.update({k: batched[k] for k in (
+        "flops", "flops_xla_raw", "flops_matmul_jaxpr")})
+    record["flops_method"] = batched["flops_method"] + "; of the batched run"
+    record["flops_analysis_s"] = 0.0
+    record.update(_memory(compiled))
+    _add_rates(record, peak=self.peak, num_examples=batch,
+               per_example_seconds=True)
+    record["speedup_batched_vs_one_at_a_time"] = (
+        record["seconds_per_example"] / batched["seconds_per_example"])
+    return record
+
+
+def matmul_peak(size: int, settings: Settings) -> dict[str, Any]:
+  """The measured float32 matmul FLOP/s: `2 n^3 / median` of `jnp.dot`.
+
+  Args:
+    size: n, the side of the square matrices.
+    settings: `warmup`, `repeats` and `rng_seed` are read.
+
+  Returns:
+    The record; `flops_per_s` is the peak, `fraction_of_peak` 1.
+  """
+  ka, kb = jax.random.split(jax.random.key(settings.rng_seed))
+  a = jax.random.normal(ka, (size, size), jnp.float32)
+  b = jax.random.normal(kb, (size, size), jnp.float32)
+  record = benchmark_fn(
+      f"matmul_peak n={size}", jax.jit(jnp.dot), (a, b), settings=settings,
+      peak=float("nan"), workload="matmul_peak", sweep=None, matmul_size=size,
+      precision="default")
+  record["flops_analytic"] = 2.0 * size ** 3
+  record["flops_per_s"] = record["flops_analytic"] / record["median_s"]
+  record["fraction_of_peak"] = 1.0
+  return record
+
+
+def _device_counts(available: int) -> list[int]:
+  counts, n = [], 1
+  while n <= available:
+    counts.append(n)
+    n *= 2
+  if counts[-1] != available:
+    counts.append(available)
+  return counts
+
+
+def header(settings: Settings) -> dict[str, Any]:
+  """Versions, device, host, date and settings of a run."""
+  device = jax.devices()[0]
+  return dict(
+      jax_version=jax.__version__, jaxlib_version=jaxlib.__version__,
+      python_version=platform.python_version(),
+      platform=device.platform, device_kind=device.device_kind,
+      device_count=jax.device_count(),
+      local_device_count=jax.local_device_count(),
+      cpu_count=os.cpu_count(), hostname=socket.gethostname(),
+      date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      xla_flags=os.environ.get("XLA_FLAGS", ""),
+      settings=dataclasses.asdict(settings),
+  )
+
+
+def run(settings: Settings) -> dict[str, Any]:
+  """Runs the workloads and sweeps of `settings`; returns the JSON object.
+
+  Args:
+    settings: what to run (checked first).
+
+  Returns:
+    `{"header": ..., "peak_flops_per_s": ..., "records": [...]}`, one record
+    per workload and sweep point (fields in the module docstring).
+
+  Raises:
+    ValueError: a bad setting (see `check_settings`).
+  """
+  check_settings(settings)
+  s = dataclasses.replace(
+      settings,
+      matmul_size=_platform_default(settings.matmul_size, 2048, 8192),
+      attack_batch=_platform_default(settings.attack_batch, 4, 32),
+      workloads=tuple(settings.workloads), sweeps=tuple(settings.sweeps),
+      objectives=tuple(settings.objectives),
+      ig_steps=tuple(settings.ig_steps), pgd_steps=tuple(settings.pgd_steps),
+      sweep_batch_sizes=tuple(settings.sweep_batch_sizes),
+      sweep_ig_steps=tuple(settings.sweep_ig_steps))
+  result = {"header": header(s)}
+  # The peak is always measured: every other record's fraction_of_peak uses it.
+  peak_record = matmul_peak(s.matmul_size, s)
+  peak = peak_record["flops_per_s"]
+  result["peak_flops_per_s"] = peak
+  records = [peak_record]
+  w = _Workloads(s, peak)
+  result["header"]["analytic_flops_per_example"] = w.analytic
+  result["header"]["image_shape"] = list(w.image_shape)
+  top = dict(sweep=None)
+  if "ig" in s.workloads:
+    for steps in s.ig_steps:
+      name = f"ig B={s.ig_batch} m={steps}" + (
+          f" chunk={s.chunk_size}" if s.chunk_size else "")
+      records.append(w.ig(s.ig_batch, steps, s.chunk_size or "auto",
+                          name=name, **top))
+  if "pgd" in s.workloads:
+    for steps in s.pgd_steps:
+      records.append(dict(w.pgd(s.pgd_batch, steps), **top))
+  if "train" in s.workloads:
+    for objective in s.objectives:
+      records.append(w.train_step(
+          objective, s.train_batch, 1, name=f"train {objective} "
+          f"B={s.train_batch}", **top))
+  if "attack" in s.workloads:
+    records.extend(dict(r, **top) for r in w.attack(s.attack_batch))
+
+  if "batch" in s.sweeps:
+    for batch in s.sweep_batch_sizes:
+      records.append(w.ig(batch, s.ig_steps[0], s.chunk_size or "auto",
+                          name=f"sweep ig B={batch} m={s.ig_steps[0]}",
+                          sweep="batch"))
+    for batch in s.sweep_batch_sizes:
+      records.append(w.train_step(
+          s.sweep_objective, batch, 1,
+          name=f"sweep train {s.sweep_objective} B={batch}", sweep="batch"))
+  if "ig_steps" in s.sweeps:
+    chunk = s.chunk_size or DEFAULT_SWEEP_CHUNK
+    for steps in s.sweep_ig_steps:
+      for chunk_size in (None, chunk):
+        records.append(w.ig(
+            s.ig_batch, steps, chunk_size, sweep="ig_steps",
+            name=f"sweep ig B={s.ig_batch} m={steps}"
+            + (f" chunk={chunk_size}" if chunk_size else "")))
+  if "devices" in s.sweeps:
+    points = []
+    for n in _device_counts(jax.local_device_count()):
+      points.append(w.train_step(
+          s.sweep_objective, s.train_batch, n, sweep="devices",
+          name=f"sweep train {s.sweep_objective} {n} dev x B={s.train_batch}"))
+    for point in points:
+      point["scaling_efficiency"] = (point["steps_per_s"]
+                                     / points[0]["steps_per_s"])
+    records.extend(points)
+  result["records"] = records
+  return result
+
+
+# --- Output. -----------------------------------------------------------------
+
+
+def _scaled(value, factor):
+  return None if value is None else value * factor
+
+
+def _fmt(value, spec, missing="-"):
+  if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    return missing
+  return format(value, spec)
+
+
+def format_table(result: dict[str, Any]) -> str:
+  """The records as a fixed-width table (one line per record).
+
+  Args:
+    result: what `run` returns.
+
+  Returns:
+    The table, with a title line naming the device and the peak.
+  """
+  h = result["header"]
+  lines = [f"{h['device_kind']} ({h['platform']}, {h['device_count']} "
+           f"device(s), {h['cpu_count']} CPUs); matmul peak "
+           f"{result['peak_flops_per_s'] / 1e9:.1f} GFLOP/s (float32, default "
+           "precision)"]
+  columns = (f"{'workload':<42} {'compile s':>9} {'median [min-max] s':>27} "
+             f"{'throughput':>14} {'GFLOP':>10} {'GFLOP/s':>9} {'% peak':>7} "
+             f"{'mem MiB':>9}  notes")
+  lines += [columns, "-" * len(columns)]
+  for r in result["records"]:
+    times = (f"{r['median_s']:.4g} [{r['min_s']:.4g}-{r['max_s']:.4g}]")
+    if "seconds_per_example" in r:
+      throughput = f"{r['seconds_per_example']:.4g} s/ex"
+    elif r.get("examples_per_s"):
+      throughput = f"{r['examples_per_s']:.4g} ex/s"
+    else:
+      throughput = "-"
+    notes = []
+    if r.get("sweep") == "ig_steps" and r.get("memory"):
+      notes.append(f"temp {r['memory']['temp_size_in_bytes'] / _MIB:.1f} MiB")
+    if "scaling_efficiency" in r:
+      notes.append(f"{r['steps_per_s']:.3g} steps/s, efficiency "
+                   f"{r['scaling_efficiency']:.2f}")
+    if "speedup_batched_vs_one_at_a_time" in r:
+      notes.append(f"batched is {r['speedup_batched_vs_one_at_a_time']:.2f}x "
+                   "faster per example")
+    if r["flops_method"] != "xla_cost_analysis":
+      notes.append("loop-corrected FLOPs")
+    gflop = _scaled(r.get("flops"), 1e-9)
+    gflops = _scaled(r.get("flops_per_s"), 1e-9)
+    percent = _scaled(r.get("fraction_of_peak"), 100)
+    lines.append(
+        f"{r['name'][:42]:<42} {r['compile_s']:>9.3f} {times:>27} "
+        f"{throughput:>14} {_fmt(gflop, '10.4g'):>10} "
+        f"{_fmt(gflops, '9.4g'):>9} {_fmt(percent, '7.1f'):>7} "
+        f"{_fmt(r['peak_memory_mib'], '9.1f'):>9}  {'; '.join(notes)}")
+  return "\n".join(lines)
+
+
+def to_json(value):
+  """`value` with tuples as lists and non-finite floats as None (valid JSON).
+
+  Args:
+    value: what `run` returns (or any part of it).
+
+  Returns:
+    The same structure, ready for `json.dump(..., allow_nan=False)`.
+  """
+  if isinstance(value, dict):
+    return {str(k): to_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [to_json(v) for v in value]
+  if isinstance(value, (float, np.floating)):
+    return float(value) if math.isfinite(value) else None
+  if isinstance(value, np.integer):
+    return int(value)
+  if isinstance(value, np.bool_):
+    return bool(value)
+  return value
+
+
+# --- The binary. -------------------------------------------------------------
+
+_DEFAULTS = Settings()
+_WORKLOADS = flags.DEFINE_list(
+    "workloads", list(WORKLOADS), "Workloads to run: "
+    f"{', '.join(WORKLOADS)} (matmul_peak always runs: the others' "
+    "fraction_of_peak needs it).")
+_MODEL = flags.DEFINE_string(
+    "model", _DEFAULTS.model, f"Model: {', '.join(models.MODEL_NAMES)}.")
+_REPEATS = flags.DEFINE_integer("repeats", _DEFAULTS.repeats,
+                                "Timed runs per workload (>= 1).")
+_WARMUP = flags.DEFINE_integer("warmup", _DEFAULTS.warmup,
+                               "Untimed runs after compiling (>= 0).")
+_MATMUL_SIZE = flags.DEFINE_integer(
+    "matmul_size", None, "Side of the matmul_peak matrices (default: 2048 "
+    "on CPU, 8192 on GPU/TPU).")
+_IG_BATCH = flags.DEFINE_integer("ig_batch", _DEFAULTS.ig_batch,
+                                 "Batch of the ig workload.")
+_IG_STEPS = flags.DEFINE_list(
+    "ig_steps", [str(v) for v in _DEFAULTS.ig_steps],
+    "IG points of the ig workload, one record each (the first is also the "
+    "batch sweep's).")
+_CHUNK_SIZE = flags.DEFINE_integer(
+    "chunk_size", None, "IG points evaluated at once in the ig workload "
+    "(default: 'auto', rar_jax.attribution.auto_chunk_size: all on GPU/TPU, "
+    "about 64 images per chunk on CPU); the ig_steps sweep compares all at "
+    f"once with chunks of this size (or {DEFAULT_SWEEP_CHUNK} when unset).")
+_PGD_BATCH = flags.DEFINE_integer("pgd_batch", _DEFAULTS.pgd_batch,
+                                  "Batch of the pgd workload.")
+_PGD_STEPS = flags.DEFINE_list(
+    "pgd_steps", [str(v) for v in _DEFAULTS.pgd_steps],
+    "Steps of the pgd workload, one record each.")
+_TRAIN_BATCH = flags.DEFINE_integer(
+    "train_batch", _DEFAULTS.train_batch, "Batch of the train steps (per "
+    "device in the devices sweep).")
+_TRAIN_IG_STEPS = flags.DEFINE_integer(
+    "train_ig_steps", _DEFAULTS.train_ig_steps,
+    "m, the IG points of the IG-NORM / IG-SUM-NORM regulariser.")
+_TRAIN_APPROX_FACTOR = flags.DEFINE_integer(
+    "train_approx_factor", _DEFAULTS.train_approx_factor,
+    "approx_factor: the inner PGD uses m / approx_factor IG points.")
+_TRAIN_PGD_STEPS = flags.DEFINE_integer(
+    "train_pgd_steps", _DEFAULTS.train_pgd_steps,
+    "PGD steps of the training objectives' inner maximisation.")
+_OBJECTIVES = flags.DEFINE_list(
+    "objectives", list(TRAIN_OBJECTIVES),
+    f"Objectives of the train workload: {', '.join(TRAIN_OBJECTIVES)}.")
+_ATTACK_BATCH = flags.DEFINE_integer(
+    "attack_batch", None, "Examples of the attack workload (default: 4 on "
+    "CPU, 32 on GPU/TPU).")
+_ATTACK_STEPS = flags.DEFINE_integer("attack_steps", _DEFAULTS.attack_steps,
+                                     "Steps of the attribution attack.")
+_ATTACK_RESTARTS = flags.DEFINE_integer(
+    "attack_restarts", _DEFAULTS.attack_restarts,
+    "Restarts of the attribution attack (batched with the examples).")
+_ATTACK_IG_STEPS = flags.DEFINE_integer(
+    "attack_ig_steps", _DEFAULTS.attack_ig_steps,
+    "IG points of every saliency map of the attack.")
+_ATTACK_CHUNK_SIZE = flags.DEFINE_integer(
+    "attack_chunk_size", None, "IG points evaluated at once in the attack's "
+    "saliency maps (default: 'auto', as rar_jax's evaluation).")
+_ATTACK_SINGLE = flags.DEFINE_bool(
+    "attack_single", False, "Also run the attack one example at a time and "
+    "report the batched speed-up per example.")
+_SWEEPS = flags.DEFINE_list(
+    "sweeps", [], f"Sweeps to run: {', '.join(SWEEPS)} (default: none).")
+_SWEEP_BATCH_SIZES = flags.DEFINE_list(
+    "sweep_batch_sizes", [str(v) for v in _DEFAULTS.sweep_batch_sizes],
+    "Batch sizes of the batch sweep.")
+_SWEEP_IG_STEPS = flags.DEFINE_list(
+    "sweep_ig_steps", [str(v) for v in _DEFAULTS.sweep_ig_steps],
+    "IG points of the ig_steps sweep.")
+_SWEEP_OBJECTIVE = flags.DEFINE_string(
+    "sweep_objective", _DEFAULTS.sweep_objective,
+    "Objective of the train step in the batch and devices sweeps.")
+_PARALLEL = flags.DEFINE_string(
+    "parallel", _DEFAULTS.parallel, "Data parallelism of the train steps: "
+    f"{', '.join(train.PARALLEL)} (as rar_jax.train).")
+_DATA_NPZ = flags.DEFINE_string(
+    "data_npz", None, "Images to use instead of the embedded MNIST sample: "
+    "a .npz file with 'images' and 'labels' (e.g. "
+    "/work/shared/data/mnist_10k.npz).")
+_RNG_SEED = flags.DEFINE_integer("rng_seed", _DEFAULTS.rng_seed,
+                                 "Seed of the parameters and random starts.")
+_OUTPUT_JSON = flags.DEFINE_string(
+    "output_json", None, "Write the header and records to this JSON file.")
+
+
+def _int_list(name, values):
+  out = []
+  for v in values:
+    try:
+      out.append(int(v))
+    except ValueError:
+      raise ValueError(f"--{name}={','.join(values)} has {v!r}, not an int; "
+                       "accepted: a comma-separated list of ints >= 1."
+                       ) from None
+  return tuple(out)
+
+
+def settings_from_flags() -> Settings:
+  """The `Settings` of the parsed flags (int lists parsed, not yet checked).
+
+  Returns:
+    The settings.
+
+  Raises:
+    ValueError: a list flag with a value that is not an int.
+  """
+  return Settings(
+      workloads=tuple(_WORKLOADS.value), model=_MODEL.value,
+      repeats=_REPEATS.value, warmup=_WARMUP.value,
+      matmul_size=_MATMUL_SIZE.value, ig_batch=_IG_BATCH.value,
+      ig_steps=_int_list("ig_steps", _IG_STEPS.value),
+      chunk_size=_CHUNK_SIZE.value, pgd_batch=_PGD_BATCH.value,
+      pgd_steps=_int_list("pgd_steps", _PGD_STEPS.value),
+      train_batch=_TRAIN_BATCH.value,
+      train_ig_steps=_TRAIN_IG_STEPS.value,
+      train_approx_factor=_TRAIN_APPROX_FACTOR.value,
+      train_pgd_steps=_TRAIN_PGD_STEPS.value,
+      objectives=tuple(_OBJECTIVES.value), attack_batch=_ATTACK_BATCH.value,
+      attack_steps=_ATTACK_STEPS.value, attack_restarts=_ATTACK_RESTARTS.value,
+      attack_ig_steps=_ATTACK_IG_STEPS.value,
+      attack_single=_ATTACK_SINGLE.value,
+      attack_chunk_size=_ATTACK_CHUNK_SIZE.value, sweeps=tuple(_SWEEPS.value),
+      sweep_batch_sizes=_int_list("sweep_batch_sizes",
+                                  _SWEEP_BATCH_SIZES.value),
+      sweep_ig_steps=_int_list("sweep_ig_steps", _SWEEP_IG_STEPS.value),
+      sweep_objective=_SWEEP_OBJECTIVE.value, parallel=_PARALLEL.value,
+      data_npz=_DATA_NPZ.value, rng_seed=_RNG_SEED.value)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    settings = settings_from_flags()
+    check_settings(settings)
+  except ValueError as err:
+    # A bad flag value: the message names it and what is accepted.
+    sys.exit(f"benchmark.py: error: {err}")
+  result = run(settings)
+  result["header"]["flags"] = {
+      holder.name: holder.value for holder in globals().values()
+      if isinstance(holder, flags.FlagHolder)}
+  print(format_table(result))
+  if _OUTPUT_JSON.value:
+    folder = os.path.dirname(os.path.abspath(_OUTPUT_JSON.value))
+    os.makedirs(folder, exist_ok=True)
+    with open(_OUTPUT_JSON.value, "w") as f:
+      json.dump(to_json(result), f, indent=2, allow_nan=False)
+      f.write("\n")
+    logging.info("Wrote %s", _OUTPUT_JSON.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

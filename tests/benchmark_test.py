@@ -1,0 +1,257 @@
+"""Tests of experiments/benchmark.py: one tiny run of every workload and sweep.
+
+No timing is asserted (the machine is shared). The FLOP counts are: XLA's
+cost analysis counts a loop body once, whatever the trip count, and the
+benchmark must count it trip-count times.
+"""
+
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+
+from absl import flags
+from absl.testing import flagsaver
+import jax
+from jax import lax
+import jax.numpy as jnp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from experiments import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Every workload and every sweep, as small as they go.
+_TINY = dict(
+    model="tiny_cnn", repeats="1", warmup="0", matmul_size="32", ig_batch="2",
+    ig_steps="4", chunk_size="2", pgd_batch="2", pgd_steps="2,4",
+    train_batch="2", train_ig_steps="4", train_approx_factor="2",
+    train_pgd_steps="2", objectives="natural,madry", attack_batch="1",
+    attack_steps="2", attack_restarts="2", attack_ig_steps="4",
+    sweeps="batch,ig_steps,devices", sweep_batch_sizes="1,2",
+    sweep_ig_steps="2,8", sweep_objective="natural")
+
+
+def _run_main(*extra):
+  """Runs the binary's main with `_TINY` and `extra` flags; returns stdout."""
+  argv = (["benchmark.py"] + [f"--{k}={v}" for k, v in _TINY.items()]
+          + list(extra))
+  out = io.StringIO()
+  with flagsaver.flagsaver(), contextlib.redirect_stdout(out):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)
+    benchmark.main(["benchmark.py"])
+  return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("benchmark") / "out" / "bench.json")
+  stdout = _run_main("--attack_single", f"--output_json={path}")
+  with open(path) as f:
+    result = json.load(f)
+  return result, stdout
+
+
+def _records(result, **match):
+  return [r for r in result["records"]
+          if all(r.get(k) == v for k, v in match.items())]
+
+
+def _positive(value):
+  return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_every_workload_and_sweep_point_has_a_complete_record(tiny_run):
+  result, _ = tiny_run
+  header = result["header"]
+  for key, expected in dict(
+      jax_version=str, jaxlib_version=str, platform=str, device_kind=str,
+      device_count=int, cpu_count=int, hostname=str, date=str,
+      settings=dict, flags=dict).items():
+    assert isinstance(header[key], expected), (key, header[key])
+  assert header["platform"] == "cpu" and header["device_count"] == 4
+  assert _positive(result["peak_flops_per_s"])
+  counts = {}
+  for r in result["records"]:
+    counts[(r["workload"], r["sweep"])] = counts.get(
+        (r["workload"], r["sweep"]), 0) + 1
+  assert counts == {
+      ("matmul_peak", None): 1, ("ig", None): 1, ("pgd", None): 2,
+      ("train", None): 2, ("attack", None): 2, ("ig", "batch"): 2,
+      ("train", "batch"): 2, ("ig", "ig_steps"): 4, ("train", "devices"): 3}
+  for r in result["records"]:
+    name = r["name"]
+    assert isinstance(name, str) and isinstance(r["flops_method"], str), name
+    for key in ("median_s", "min_s", "max_s", "flops", "flops_xla_raw",
+                "flops_per_s", "fraction_of_peak", "peak_memory_bytes",
+                "peak_memory_mib"):
+      assert _positive(r[key]), (name, key, r[key])
+    for key in ("lower_s", "compile_s", "flops_analysis_s"):
+      assert r[key] >= 0 and math.isfinite(r[key]), (name, key)
+    assert r["min_s"] <= r["median_s"] <= r["max_s"]
+    assert r["repeats"] == len(r["times_s"]) == 1
+    assert isinstance(r["peak_memory_bytes"], int)
+    memory = r["memory"]
+    for key in ("argument_size_in_bytes", "output_size_in_bytes",
+                "temp_size_in_bytes", "alias_size_in_bytes"):
+      assert isinstance(memory[key], int) and memory[key] >= 0, (name, key)
+    assert r["peak_memory_bytes"] == (
+        memory["argument_size_in_bytes"] + memory["output_size_in_bytes"]
+        + memory["temp_size_in_bytes"] - memory["alias_size_in_bytes"])
+    if r["workload"] == "matmul_peak":
+      assert r["flops"] == r["flops_analytic"] == 2 * 32 ** 3
+      assert r["fraction_of_peak"] == 1.0
+    else:
+      assert _positive(r["examples_per_s"]) and _positive(r["num_examples"])
+      assert _positive(r["flops_matmul_jaxpr"]), name
+      # XLA's count adds the elementwise work to the convolutions'.
+      assert r["flops"] >= r["flops_matmul_jaxpr"], name
+    if r["workload"] == "attack":
+      assert _positive(r["seconds_per_example"])
+    if r["workload"] == "train":
+      assert _positive(r["steps_per_s"])
+      assert r["hyper"]["num_steps"] == 2 and r["hyper"]["m"] == 4
+  single, = _records(result, workload="attack", one_at_a_time=True)
+  assert _positive(single["speedup_batched_vs_one_at_a_time"])
+  # --attack_batch=1: one at a time is the batched program, not recompiled.
+  assert single["compiled_earlier"]
+
+
+def test_json_file_matches_the_flags_and_the_printed_table(tiny_run):
+  result, stdout = tiny_run
+  settings = result["header"]["settings"]
+  assert settings["model"] == "tiny_cnn"
+  assert settings["pgd_steps"] == [2, 4]
+  assert settings["sweeps"] == ["batch", "ig_steps", "devices"]
+  assert settings["workloads"] == list(benchmark.WORKLOADS)
+  assert settings["attack_single"] is True
+  given = result["header"]["flags"]
+  assert given["pgd_steps"] == ["2", "4"] and given["attack_single"] is True
+  assert given["output_json"].endswith("bench.json")
+  lines = stdout.splitlines()
+  assert "matmul peak" in lines[0] and lines[1].startswith("workload")
+  rows = lines[3:]
+  assert len(rows) == len(result["records"])
+  for row, r in zip(rows, result["records"]):
+    assert row.startswith(r["name"][:42]), (row, r["name"])
+    assert f"{r['compile_s']:.3f}" in row
+
+
+def test_chunked_ig_needs_less_memory_for_the_same_flops(tiny_run):
+  result, _ = tiny_run
+  plain, = _records(result, sweep="ig_steps", ig_steps=8, chunk_size=None)
+  chunked, = _records(result, sweep="ig_steps", ig_steps=8, chunk_size=2)
+  assert (chunked["memory"]["temp_size_in_bytes"]
+          <= plain["memory"]["temp_size_in_bytes"])
+  # A scan over 4 chunks: XLA's own count sees one chunk, the benchmark four.
+  assert plain["flops_method"] == "xla_cost_analysis"
+  assert "loop_bodies_x_trip_count" in chunked["flops_method"]
+  assert chunked["flops_xla_raw"] < 0.5 * plain["flops_xla_raw"]
+  assert chunked["flops"] == pytest.approx(plain["flops"], rel=0.05)
+  assert chunked["flops_matmul_jaxpr"] == pytest.approx(
+      plain["flops_matmul_jaxpr"], rel=1e-3)
+
+
+def test_ig_and_pgd_flops_match_the_analytic_count(tiny_run):
+  result, _ = tiny_run
+  analytic = result["header"]["analytic_flops_per_example"]
+  # A forward pass and an input gradient per point, conv taps in bounds.
+  per_point = 2 * analytic["forward_in_bounds"]
+  for r in _records(result, workload="pgd"):
+    points = r["batch"] * r["pgd_steps"]
+    assert r["flops_matmul_jaxpr"] == points * per_point, r["name"]
+  for r in _records(result, workload="ig"):
+    # IG adds the quadrature's weighted sum (2 FLOPs per pixel and point)
+    # and computes the last layer's input gradient of the label logit, the
+    # same at every point, once per chunk.
+    points = r["batch"] * r["ig_steps"]
+    assert r["flops_matmul_jaxpr"] == pytest.approx(
+        points * (per_point + 2 * 28 * 28), rel=0.01), r["name"]
+    assert r["flops_analytic"] == points * 2 * analytic["forward"]
+    assert r["flops_over_analytic"] == pytest.approx(
+        r["flops"] / r["flops_analytic"])
+
+
+def test_flops_of_a_loop_scale_with_its_trip_count(tiny_run):
+  result, _ = tiny_run
+  f = {r["pgd_steps"]: r for r in _records(result, workload="pgd")}
+  # XLA's own count does not see the trip count...
+  assert f[2]["flops_xla_raw"] == pytest.approx(f[4]["flops_xla_raw"],
+                                                rel=1e-3)
+  # ... the benchmark's does: about twice the FLOPs for twice the steps (the
+  # random start is a constant part), exactly for the convolutions.
+  assert 1.7 < f[4]["flops"] / f[2]["flops"] <= 2.0
+  assert f[4]["flops_matmul_jaxpr"] == 2 * f[2]["flops_matmul_jaxpr"]
+  # Data-parallel steps count every device.
+  dev = {r["num_devices"]: r for r in _records(result, sweep="devices")}
+  assert sorted(dev) == [1, 2, 4]
+  assert dev[4]["flops"] == pytest.approx(4 * dev[1]["flops"], rel=0.01)
+  assert dev[1]["scaling_efficiency"] == 1.0
+  assert all(_positive(r["scaling_efficiency"]) for r in dev.values())
+  # The second record of a program reuses its compiled executable.
+  assert dev[1]["compiled_earlier"] and not dev[2]["compiled_earlier"]
+
+
+def test_xla_counts_a_loop_body_once_and_count_flops_corrects_it():
+  n, trips = 32, 7
+  a = jnp.ones((n, n))
+  one_matmul = 2 * n ** 3
+
+  def loop(a, unroll=1):
+    return lax.fori_loop(0, trips, lambda i, x: x @ a, a, unroll=unroll)
+
+  for unroll in (1, 3, trips):
+    fn = jax.jit(lambda a, u=unroll: loop(a, u))
+    counted = benchmark.count_flops(fn, (a,), fn.lower(a).compile())
+    # XLA sees the copies in the loop body (and the remainder) once each.
+    copies = unroll + trips % unroll if unroll < trips else trips
+    assert counted["flops_xla_raw"] == pytest.approx(copies * one_matmul,
+                                                     rel=0.01)
+    assert counted["flops"] == pytest.approx(trips * one_matmul, rel=0.01)
+    assert counted["flops_matmul_jaxpr"] == trips * one_matmul
+  # Nested loops multiply.
+  nested = jax.jit(lambda a: lax.fori_loop(0, 3, lambda i, x: loop(x), a))
+  counted = benchmark.count_flops(nested, (a,), nested.lower(a).compile())
+  assert counted["flops_xla_raw"] == pytest.approx(one_matmul, rel=0.01)
+  assert counted["flops"] == pytest.approx(3 * trips * one_matmul, rel=0.01)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(workloads=("ig", "fgsm")),
+     r"--workloads=ig,fgsm has unknown name\(s\) \['fgsm'\]; accepted: "
+     "matmul_peak, ig, pgd, train, attack"),
+    (dict(sweeps=("steps",)), r"--sweeps=steps has unknown name"),
+    (dict(objectives=("ig",)), r"--objectives=ig has unknown name"),
+    (dict(model="resnet"), r"--model=resnet has unknown name"),
+    (dict(parallel="xmap"), r"accepted: pmap, shard_map"),
+    (dict(repeats=0), r"--repeats=0 is not accepted; it must be an int >= 1"),
+    (dict(warmup=-1), r"--warmup=-1 is not accepted; it must be an int >= 0"),
+    (dict(chunk_size=0), r"--chunk_size=0 is not accepted; .* \(or unset\)"),
+    (dict(ig_steps=(4, 0)), r"--ig_steps=4,0 has 0, which is not accepted"),
+    (dict(pgd_steps=()), r"--pgd_steps is empty"),
+    (dict(train_ig_steps=4, train_approx_factor=3),
+     r"--train_approx_factor=3 does not divide --train_ig_steps=4; "
+     r"accepted: a divisor of it \(\[1, 2, 4\]\)"),
+    (dict(data_npz="/nonexistent/mnist.npz"),
+     r"--data_npz='/nonexistent/mnist.npz' is not a file"),
+])
+def test_bad_settings_raise_one_clear_line(changes, message):
+  with pytest.raises(ValueError, match=message) as err:
+    benchmark.check_settings(benchmark.Settings(**changes))
+  assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--ig_steps=4,x", "--ig_steps=4,x has 'x', not an int"),
+    ("--workloads=ig,nope", "--workloads=ig,nope has unknown name"),
+    ("--attack_batch=0", "--attack_batch=0 is not accepted"),
+])
+def test_the_binary_exits_with_the_message(flag, message):
+  with pytest.raises(SystemExit) as err:
+    _run_main(flag)
+  assert str(err.value).startswith("benchmark.py: error: ")
+  assert message in str(err.value) and "\n" not in str(err.value)
