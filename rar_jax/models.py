@@ -221,7 +221,10 @@ def _fast_conv(x, k, pads, precision):
 
 
 def _fast_conv_fwd(x, k, pads, precision):
-  return _plain_conv(x, k, pads, precision), (x, k)
+  # `_fast_conv` again, not `_plain_conv`: under a second differentiation
+  # (the training objectives' double back-propagation) this rule is traced by
+  # the outer derivative, which must see the custom rule too, not lax's.
+  return _fast_conv(x, k, pads, precision), (x, k)
 
 
 def _fast_conv_bwd(pads, precision, residuals, g):
