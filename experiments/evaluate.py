@@ -32,6 +32,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 # --config, --workdir, --distributed and the log filter are train.py's: one
 # definition each, so both binaries can be imported in one process (tests).
 from experiments import train as train_bin  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rar_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rar_jax import evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _OUTPUT = flags.DEFINE_string(
@@ -59,6 +60,7 @@ _FIGURES = flags.DEFINE_bool("figures", True, "Write the PNG figures.")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  runtime.prefer_eigen_convolutions()  # Faster CPU convs (BUILD.md).
   train_bin.quiet_library_logs()
   if train_bin._DISTRIBUTED.value:  # pylint: disable=protected-access
     jax.distributed.initialize()

@@ -126,9 +126,11 @@ def auto_chunk_size(batch_size: int, num_steps: int,
   """The chunk size `chunk_size="auto"` picks: by device platform.
 
   GPU/TPU: None (all path points in one vmap: the most parallel work).
-  CPU: `max(1, CPU_IMAGES_PER_CHUNK // batch_size)` points per chunk (None
-  when that covers all points): XLA:CPU is fastest on cache-sized batches,
-  and a `lax.scan` over chunks bounds memory as well.
+  CPU: the largest divisor of `num_steps` that is at most
+  `max(1, CPU_IMAGES_PER_CHUNK // batch_size)` (None when that is all the
+  points): XLA:CPU is fastest on cache-sized batches, a `lax.scan` over
+  chunks bounds memory as well, and equal chunks compile one loop body and
+  no remainder.
 
   Args:
     batch_size: examples per call, `N`.
@@ -143,15 +145,17 @@ def auto_chunk_size(batch_size: int, num_steps: int,
 
   Example:
     >>> auto_chunk_size(64, 100, "cpu"), auto_chunk_size(4, 100, "cpu")
-    (1, 16)
+    (1, 10)
     >>> auto_chunk_size(64, 100, "gpu") is None
     True
   """
   platform = platform or jax.default_backend()
   if platform != "cpu":
     return None
-  chunk = max(1, CPU_IMAGES_PER_CHUNK // max(1, int(batch_size)))
-  return chunk if chunk < num_steps else None
+  limit = max(1, CPU_IMAGES_PER_CHUNK // max(1, int(batch_size)))
+  if limit >= num_steps:
+    return None
+  return max(d for d in range(1, limit + 1) if num_steps % d == 0)
 
 
 def _check_per_example_fn(f, inputs, name="f"):
@@ -207,7 +211,7 @@ def integrated_gradients(
   longer grows with `num_steps`; the result equals the unchunked one up to
   float rounding of the summation order. The default, "auto", chooses by
   device (`auto_chunk_size`): all points at once on GPU/TPU, chunks of about
-  `CPU_IMAGES_PER_CHUNK` images on CPU, where that is fastest.
+  `CPU_IMAGES_PER_CHUNK` images on CPU (equal chunks), where that is fastest.
 
   Nothing is stopped: the result can be differentiated with respect to the
   parameters `f` closes over, to `inputs` and to `baselines` (this is the

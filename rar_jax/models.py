@@ -24,6 +24,11 @@ Model names (`get_model`, `make_apply_fns`):
 Activations (default first, then the attack's surrogate): CNNs relu /
 softplus; ResNets leaky_relu / leaky_softplus.
 
+The convolutions go through `conv_general_dilated`: lax's convolution with a
+custom VJP whose gradients are canonical NHWC/HWIO convolutions, which
+XLA:CPU keeps on its fast paths inside compiled loops (PGD, the attacks,
+chunked IG); `fast_conv_grad=False` gives lax's own rule (forward-mode AD).
+
 References:
   Chen, Wu, Rastogi, Liang, Jha, "Robust Attribution Regularization",
   NeurIPS 2019 (spec Sec. 5); Madry et al., "Towards Deep Learning Models

@@ -136,6 +136,45 @@ def test_chunked_equals_unchunked(method, chunk_size):
   np.testing.assert_allclose(chunked, full, rtol=1e-6, atol=1e-7)
 
 
+def test_auto_chunk_size_by_platform():
+  cpu = attribution.CPU_IMAGES_PER_CHUNK
+  assert attribution.auto_chunk_size(cpu, 100, "cpu") == 1
+  assert attribution.auto_chunk_size(3 * cpu, 100, "cpu") == 1
+  # The largest divisor of the steps within cpu // batch images.
+  assert attribution.auto_chunk_size(1, 100, "cpu") == 50
+  assert attribution.auto_chunk_size(4, 100, "cpu") == 10
+  assert attribution.auto_chunk_size(cpu // 8, 97, "cpu") == 1  # A prime.
+  assert attribution.auto_chunk_size(1, cpu, "cpu") is None  # Covers all.
+  for platform in ("gpu", "tpu"):
+    assert attribution.auto_chunk_size(1, 100, platform) is None
+  assert attribution.auto_chunk_size(1, 100) == attribution.auto_chunk_size(
+      1, 100, jax.default_backend())
+
+
+def test_auto_chunking_equals_all_at_once():
+  """The default ("auto": chunks of CPU_IMAGES_PER_CHUNK // N points on CPU,
+  a lax.scan) gives the one-vmap result, also through a second derivative."""
+  params = _mlp_params(jax.random.key(7))
+  x = jax.random.normal(jax.random.key(8), (4, 6))
+  steps = 35  # On CPU: 5 chunks of 7 points (7 <= 64 // 4 = 16).
+  assert jax.default_backend() != "cpu" or attribution.auto_chunk_size(
+      4, steps) == 7
+
+  def reg(p, chunk_size):
+    f = functools.partial(_mlp, p)
+    return jnp.sum(jnp.abs(integrated_gradients(
+        f, x, num_steps=steps, chunk_size=chunk_size)))
+
+  f = functools.partial(_mlp, params)
+  np.testing.assert_allclose(
+      integrated_gradients(f, x, num_steps=steps),
+      integrated_gradients(f, x, num_steps=steps, chunk_size=None),
+      rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(jax.grad(reg)(params, "auto"),
+                              jax.grad(reg)(params, None), rtol=1e-5,
+                              atol=1e-6)
+
+
 def test_per_example_baselines_match_one_at_a_time():
   params = _mlp_params(jax.random.key(10))
   f = functools.partial(_mlp, params)
@@ -279,6 +318,8 @@ def test_saliency_map():
      r"num_steps=1 is too small for riemann_trapezoid"),
     (lambda f, x: integrated_gradients(f, x, chunk_size=0),
      r"chunk_size=0"),
+    (lambda f, x: integrated_gradients(f, x, chunk_size="big"),
+     r"chunk_size='big' .* None \(all points at once\), 'auto' or an int"),
     (lambda f, x: integrated_gradients(lambda z: z, x),
      r"returned shape \(2, 3\)"),
     (lambda f, x: integrated_gradients(lambda z: jnp.sum(z), x),
