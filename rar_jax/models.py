@@ -71,6 +71,46 @@ def leaky_relu(x: Array) -> Array:
   return jnp.where(x < 0, LEAKINESS * x, x)
 
 
+@jax.custom_jvp
+def softplus(x: Array) -> Array:
+  """`log(1 + exp(x))` (`jax.nn.softplus`), with the derivative `sigmoid(x)`.
+
+  The same values as `jax.nn.softplus`. Its derivative is stated as
+  `sigmoid(x)` (one `lax.logistic`, whose own derivative reuses its value),
+  where `jax.nn.softplus` differentiates `logaddexp(x, 0)` through two
+  exponentials and a log-sum; the attribution attack differentiates the
+  surrogate network twice, so this is most of the activations' cost there.
+  Tested equal to `jax.nn.softplus` to the third derivative.
+
+  Args:
+    x: any shape.
+
+  Returns:
+    Same shape as `x`.
+
+  References:
+    Dugas et al., "Incorporating Second-Order Functional Knowledge for Better
+    Option Pricing", NeurIPS 2000 (softplus); RAR spec Sec. 4.2 (the
+    attack's smooth surrogate).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> jnp.round(softplus(jnp.array([-20.0, 0.0, 20.0])), 3)
+    Array([ 0.   ,  0.693, 20.   ], dtype=float32)
+    >>> float(jax.grad(softplus)(0.0))
+    0.5
+  """
+  return jax.nn.softplus(x)
+
+
+@softplus.defjvp
+def _softplus_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  # softplus itself (not jax.nn.softplus), so that differentiating the
+  # primal output again also takes this rule.
+  return softplus(x), jax.nn.sigmoid(x) * t
+
+
 def leaky_softplus(x: Array) -> Array:
   """Smooth surrogate of `leaky_relu`: `0.1 x + 0.9 softplus(x)`.
 
@@ -89,13 +129,13 @@ def leaky_softplus(x: Array) -> Array:
     >>> jnp.round(leaky_softplus(jnp.array([-20.0, 0.0, 20.0])), 3)
     Array([-2.   ,  0.624, 20.   ], dtype=float32)
   """
-  return LEAKINESS * x + (1.0 - LEAKINESS) * jax.nn.softplus(x)
+  return LEAKINESS * x + (1.0 - LEAKINESS) * softplus(x)
 
 
 # The one place where activation names resolve.
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "relu": jax.nn.relu,
-    "softplus": jax.nn.softplus,
+    "softplus": softplus,
     "leaky_relu": leaky_relu,
     "leaky_softplus": leaky_softplus,
 }
@@ -136,14 +176,31 @@ def get_activation(name: str) -> Callable[[Array], Array]:
   return ACTIVATIONS[name]
 
 
+def _pool_windows(x: Array, fill: float) -> Array:
+  """[N, H, W, C] -> [N, ceil(H/2), 2, ceil(W/2), 2, C] (a reshape, no copy).
+
+  An odd edge gets a padded row/column of `fill`.
+  """
+  n, h, w, c = x.shape
+  if h % 2 or w % 2:
+    x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)),
+                constant_values=fill)
+  return x.reshape(n, (h + 1) // 2, 2, (w + 1) // 2, 2, c)
+
+
+@jax.custom_jvp
 def max_pool_2x2(x: Array) -> Array:
   """2x2 max-pool, stride 2, SAME padding (TF `tf.nn.max_pool` semantics).
 
   Like `lax.reduce_window` (and TF), the input gradient goes to the first
-  maximum of each window, and the pool is twice differentiable; a plain
-  reshape + max would split the gradient among tied maxima, and ties are
-  common on MNIST (saturated pixels). Tested equal to `nn.max_pool`, values
-  and gradients.
+  maximum of each window (row-major), and the pool is twice differentiable;
+  a plain reshape + max would split the gradient among tied maxima, and ties
+  are common on MNIST (saturated pixels). Tested equal to `nn.max_pool`,
+  values and gradients. A custom JVP states that derivative directly (the
+  tangent of the first maximum; its transpose puts the cotangent there), so
+  forward and reverse mode, and second derivatives, are exact and cheap:
+  XLA:CPU runs `reduce_window`'s select-and-scatter gradient slowly,
+  especially inside loops.
 
   Args:
     x: [N, H, W, C].
@@ -161,20 +218,27 @@ def max_pool_2x2(x: Array) -> Array:
     Array([[[4., 5.],
             [7., 8.]]], dtype=float32)
   """
-  n, h, w, c = x.shape
   # SAME padding: an odd edge gets a padded row/column that never wins.
-  x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)),
-              constant_values=-jnp.inf)
-  h2, w2 = (h + 1) // 2, (w + 1) // 2
-  windows = x.reshape(n, h2, 2, w2, 2, c).transpose(0, 1, 3, 5, 2, 4)
-  windows = windows.reshape(n, h2, w2, c, 4)
-  # The value of the first maximum (row-major in the window), picked by a
-  # constant one-hot: the gradient goes to that element only, exactly as
-  # `lax.reduce_window`'s, but XLA:CPU runs it ~1.5x faster than
-  # reduce_window's select-and-scatter (and its double backward).
-  first = jax.lax.stop_gradient(
-      jax.nn.one_hot(jnp.argmax(windows, axis=-1), 4, dtype=bool))
-  return jnp.sum(jnp.where(first, windows, 0.0), axis=-1)
+  return jnp.max(_pool_windows(x, -jnp.inf), axis=(2, 4))
+
+
+@max_pool_2x2.defjvp
+def _max_pool_2x2_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  windows = _pool_windows(x, -jnp.inf)
+  # Itself, not jnp.max: differentiated again (second derivatives), this
+  # rule must apply again; jnp.max's own rule splits ties.
+  y = max_pool_2x2(x)
+  # Row-major position 0..3 of each element in its window; the first maximum
+  # is the lowest position holding the window's maximum.
+  position = (2 * jnp.arange(2, dtype=jnp.int32)[:, None, None]
+              + jnp.arange(2, dtype=jnp.int32)[None, None, :])
+  position = position.reshape(1, 1, 2, 1, 2, 1)
+  first = jnp.min(jnp.where(windows == y[:, :, None, :, None, :], position, 4),
+                  axis=(2, 4), keepdims=True)
+  tangent = jnp.sum(jnp.where(position == first, _pool_windows(t, 0.0), 0.0),
+                    axis=(2, 4))
+  return y, tangent
 
 
 _NHWC_HWIO = ("NHWC", "HWIO", "NHWC")

@@ -404,3 +404,73 @@ def test_fast_conv_gradients_under_shard_map_match_lax():
 
   chex.assert_trees_all_close(grads(_fast_conv), grads(_lax_conv), rtol=1e-5,
                               atol=1e-6)
+
+
+def _one_hot_pool(x):
+  """The first-maximum pool written with a stop-gradient one-hot (the
+  definition `max_pool_2x2` must agree with, ties included)."""
+  n, h, w, c = x.shape
+  x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)),
+              constant_values=-jnp.inf)
+  windows = x.reshape(n, (h + 1) // 2, 2, (w + 1) // 2, 2, c)
+  windows = windows.transpose(0, 1, 3, 5, 2, 4).reshape(
+      n, (h + 1) // 2, (w + 1) // 2, c, 4)
+  first = jax.lax.stop_gradient(
+      jax.nn.one_hot(jnp.argmax(windows, axis=-1), 4, dtype=bool))
+  return jnp.sum(jnp.where(first, windows, 0.0), axis=-1)
+
+
+def test_softplus_equals_jax_softplus_to_the_third_derivative():
+  x = jnp.linspace(-30.0, 30.0, 241)
+  np.testing.assert_array_equal(models.softplus(x), jax.nn.softplus(x))
+  s = 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+  exact = [s, s * (1 - s), s * (1 - s) * (1 - 2 * s)]
+  ours, theirs = models.softplus, jax.nn.softplus
+  for order in (1, 2, 3):
+    ours, theirs = jax.grad(ours), jax.grad(theirs)
+    a, b = jax.vmap(ours)(x), jax.vmap(theirs)(x)
+    # float32 rounding of s (1 - s) near s = 1: ~2e-7 absolute for both.
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6,
+                               err_msg=f"order {order}")
+    np.testing.assert_allclose(a, exact[order - 1], rtol=1e-5, atol=1e-6,
+                               err_msg=f"order {order}")
+  # Forward mode as well.
+  t = jnp.cos(x)
+  np.testing.assert_allclose(
+      jax.jvp(models.softplus, (x,), (t,))[1],
+      jax.jvp(jax.nn.softplus, (x,), (t,))[1], rtol=1e-6, atol=1e-7)
+
+
+def _second_derivative(pool, x, w):
+  # A function of the input gradient, differentiated again (as IG-NORM
+  # does); smooth around the pool, so the second derivative is not zero.
+  inner = lambda z: jnp.sum(w * jnp.sin(pool(z * z)))
+  return jax.grad(lambda z: jnp.sum(jnp.cos(jax.grad(inner)(z))))(x)
+
+
+def test_max_pool_forward_mode_and_second_derivatives():
+  ref = lambda z: flax.linen.max_pool(z, (2, 2), strides=(2, 2),
+                                      padding="SAME")
+  # Without ties: exactly reduce_window's, to second order.
+  x = jax.random.normal(jax.random.key(2), (2, 9, 8, 3))
+  w = jax.random.normal(jax.random.key(4), ref(x).shape)
+  np.testing.assert_allclose(_second_derivative(models.max_pool_2x2, x, w),
+                             _second_derivative(ref, x, w), rtol=1e-6,
+                             atol=1e-6)
+  # With ties (quantised pixels): reduce_window's second derivative follows
+  # XLA's unspecified order of reduction among tied maxima, so the reference
+  # is the stop-gradient one-hot of the first maximum.
+  x = jnp.round(4 * jax.random.uniform(jax.random.key(2), x.shape)) / 4
+  np.testing.assert_allclose(_second_derivative(models.max_pool_2x2, x, w),
+                             _second_derivative(_one_hot_pool, x, w),
+                             rtol=1e-6, atol=1e-6)
+  t = jax.random.normal(jax.random.key(3), x.shape)
+  for other in (ref, _one_hot_pool):
+    np.testing.assert_array_equal(
+        jax.jvp(models.max_pool_2x2, (x,), (t,))[1],
+        jax.jvp(other, (x,), (t,))[1])
+  # Batched (as IG evaluates its path points).
+  xs = jnp.stack([x, 2 * x])
+  np.testing.assert_array_equal(
+      jax.vmap(jax.grad(lambda z: jnp.sum(w * models.max_pool_2x2(z))))(xs),
+      jax.vmap(jax.grad(lambda z: jnp.sum(w * ref(z))))(xs))
