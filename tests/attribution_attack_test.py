@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from rar_jax import metrics
+from rar_jax import models
 from rar_jax.attacks import attribution_attack, saliency_fn
 from rar_jax.data import load_embedded_mnist
 
@@ -23,7 +24,9 @@ def _init(key):
 
 
 def _apply(params, x, act=jax.nn.relu):
-  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1),
+  # rar_jax's convolution: lax's values and derivatives, with gradients that
+  # stay fast inside the attack's loops on CPU.
+  conv = functools.partial(models.conv_general_dilated, window_strides=(1, 1),
                            padding="SAME",
                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
   pool = lambda h: jax.lax.reduce_window(h, -jnp.inf, jax.lax.max,
@@ -109,7 +112,8 @@ def test_topk_attack_lowers_intersection_for_a_natural_model(trained):
   assert mean_in < 0.75, mean_in
   assert float(np.nanmean(out["kendall_tau"])) < 0.9
   # The reported numbers are those of the returned images.
-  measure = saliency_fn(_apply, params, y, num_ig_steps=16)
+  measure = jax.jit(lambda z: saliency_fn(_apply, params, y,
+                                          num_ig_steps=16)(z))
   s_clean, s_adv = measure(x), measure(out["adv_inputs"])
   np.testing.assert_allclose(out["clean_saliency"], s_clean, rtol=1e-5,
                              atol=1e-5)
@@ -152,11 +156,13 @@ def test_restarts_keep_the_worst_case(trained):
 ])
 def test_other_attacks_respect_the_constraints(trained, variant):
   params, x, y = trained
-  kw = dict(ATTACK, num_steps=4, num_ig_steps=8, key=jax.random.key(2),
-            **variant)
+  kw = dict(ATTACK, num_steps=4, num_ig_steps=8, **variant)
   if variant.get("attack") == "target":
     kw["target_mask"] = jnp.zeros((28, 28)).at[:10, :10].set(1.0)
-  out = attribution_attack(_apply, params, x[:6], y[:6], **kw)
+  # Jitted: one compiled program (run eagerly, each small op compiles on its
+  # own, which is most of the time on a 2-core CI machine).
+  attack = jax.jit(functools.partial(attribution_attack, _apply, **kw))
+  out = attack(params, x[:6], y[:6], key=jax.random.key(2))
   _check_constraints(params, x[:6], y[:6], out)
   assert bool(jnp.any(out["found"]))
 
@@ -165,12 +171,11 @@ def test_quantized_attack_on_a_0_255_model(trained):
   params, x, y = trained
   apply255 = lambda p, z: _apply(p, z / 255.0)
   x255 = jnp.round(x[:4] * 255.0)
-  out = attribution_attack(apply255, params, x255, y[:4], epsilon=8.0,
-                           step_size=1.0, num_steps=3, k_top=60,
-                           num_ig_steps=8, clip_min=0.0, clip_max=255.0,
-                           quantize=True,
-                           surrogate_apply_fn=lambda p, z: _surrogate(
-                               p, z / 255.0))
+  attack = jax.jit(functools.partial(
+      attribution_attack, apply255, epsilon=8.0, step_size=1.0, num_steps=3,
+      k_top=60, num_ig_steps=8, clip_min=0.0, clip_max=255.0, quantize=True,
+      surrogate_apply_fn=lambda p, z: _surrogate(p, z / 255.0)))
+  out = attack(params, x255, y[:4])
   adv = np.asarray(out["adv_inputs"])
   np.testing.assert_array_equal(adv, np.trunc(adv))
   assert np.abs(adv - np.asarray(x255)).max() <= 8.0

@@ -2,14 +2,48 @@
 
 XLA reads the flag once, when the backend starts, so it is set here, before
 any test module imports jax.
+
+The run also shares one persistent compilation cache, new for each session
+(unless you set `JAX_COMPILATION_CACHE_DIR` yourself): many tests compile the
+same programs, in this process and in the training binaries they start as
+subprocesses (which inherit the environment), and on a 2-core CPU compiling
+is much of the suite's time. A hit returns the program XLA compiled for the
+same computation, so results do not change.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 _FLAG = "--xla_force_host_platform_device_count=4"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="rar_jax_test_xla_cache_")
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  # Cache every program, however small or quick to compile.
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 # As the binaries do: XLA:CPU convolutions on Eigen (BUILD.md, Performance).
 from rar_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 runtime.prefer_eigen_convolutions()
+
+
+# Files whose tests take longest (compiling, training binaries, the notebook):
+# run first, so that the two worker processes (`-n 2 --dist loadfile` in
+# setup.cfg) finish together rather than one waiting on a long file at the end.
+_LONGEST_FIRST = ("notebook_test.py", "train_test.py", "benchmark_test.py",
+                  "attribution_attack_test.py", "reliability_test.py",
+                  "evaluation_test.py", "models_test.py")
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  def rank(item):
+    name = os.path.basename(str(item.fspath))
+    return (_LONGEST_FIRST.index(name) if name in _LONGEST_FIRST
+            else len(_LONGEST_FIRST))
+  items.sort(key=rank)  # Stable: the order within a file is kept.

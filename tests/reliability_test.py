@@ -33,7 +33,7 @@ from experiments.configs import quickstart  # pylint: disable=g-import-not-at-to
 
 CONFIG = os.path.join(ROOT, "experiments", "configs", "quickstart.py:smoke")
 # Long enough that a signal arrives mid-run, short enough for CI.
-RUN = dict(num_train_steps=150, checkpoint_every_steps=20, log_every_steps=10,
+RUN = dict(num_train_steps=100, checkpoint_every_steps=20, log_every_steps=10,
            max_checkpoints_to_keep=3)
 TIMING_KEYS = ("steps_per_sec", "examples_per_sec", "train_seconds")
 
