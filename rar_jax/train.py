@@ -1067,7 +1067,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       config.model.name, num_classes=config.dataset.num_classes,
       activation=config.model.activation)
   tx = create_optimizer(config.optimizer)
-  params = init_fn(jax.random.key(config.seed), jnp.asarray(train_x[:1]))
+  # One compiled program: run eagerly, every initializer compiles its own
+  # random-number kernel (seconds each on CPU).
+  params = jax.jit(init_fn)(jax.random.key(config.seed),
+                           jnp.asarray(train_x[:1]))
   state = jax.device_get({"params": params, "opt_state": tx.init(params),
                           "step": np.int32(0)})
   restored = _restore(workdir, config, state)
