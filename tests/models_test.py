@@ -320,26 +320,44 @@ def _fast_conv(x, k, strides, padding):
     ((3, 3), (1, 1), ((2, 0), (1, 2))),  # explicit, asymmetric
     ((3, 3), (2, 2), "SAME"),            # stride 2: lax's own path
 ])
-def test_fast_conv_equals_lax_conv_to_third_order(kernel, strides, padding):
-  x = jnp.asarray(_RNG.normal(size=(2, 7, 6, 3)), jnp.float32)
-  k = jnp.asarray(_RNG.normal(size=kernel + (3, 4)), jnp.float32)
+@pytest.mark.parametrize("channels", [(3, 4), (4, 1)])
+def test_fast_conv_equals_lax_conv_to_third_order(kernel, strides, padding,
+                                                  channels):
+  """Values and derivatives to the third order, against float64.
+
+  (4, 1) channels: the input gradient has 4 outputs, a convolution; (3, 4):
+  it has 3, the matmul-and-sums form of `_conv_few_outputs`. Both are float32
+  computations summed in other orders than lax's, so both are held to the
+  float64 result with a tolerance relative to each output's scale, and the
+  fast path may not be much less accurate than lax's.
+  """
+  x = _RNG.normal(size=(2, 7, 6, channels[0]))
+  k = _RNG.normal(size=kernel + channels)
   for conv in (_lax_conv, _fast_conv):
     assert conv(x, k, strides, padding).shape == _lax_conv(
         x, k, strides, padding).shape
 
-  def derivatives(conv):
+  def derivatives(conv, dtype):
+    xd, kd = jnp.asarray(x, dtype), jnp.asarray(k, dtype)
     f = lambda x, k: jnp.sum(jnp.sin(conv(x, k, strides, padding)))
     gx = lambda x, k: jax.grad(f)(x, k)
     # Second order (the training regulariser: d/dk of the input gradient)
     # and third order (d/dx of a second-order quantity, as in the attack).
     g2 = lambda x, k: jnp.sum(jnp.cos(gx(x, k)))
     g3 = lambda x, k: jnp.sum(jax.grad(g2, argnums=1)(x, k) ** 2)
-    return (conv(x, k, strides, padding), *jax.grad(f, (0, 1))(x, k),
-            *jax.grad(g2, (0, 1))(x, k), *jax.grad(g3, (0, 1))(x, k))
+    return [np.asarray(v, np.float64) for v in jax.jit(lambda: (
+        conv(xd, kd, strides, padding), *jax.grad(f, (0, 1))(xd, kd),
+        *jax.grad(g2, (0, 1))(xd, kd), *jax.grad(g3, (0, 1))(xd, kd)))()]
 
-  for got, want in zip(jax.jit(lambda: derivatives(_fast_conv))(),
-                       jax.jit(lambda: derivatives(_lax_conv))()):
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  with jax.enable_x64(True):
+    exact = derivatives(_lax_conv, jnp.float64)
+  fast = derivatives(_fast_conv, jnp.float32)
+  plain = derivatives(_lax_conv, jnp.float32)
+  for got, ref, want in zip(fast, plain, exact):
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=0, atol=5e-5 * scale)
+    assert (np.abs(got - want).max()
+            <= 2 * np.abs(ref - want).max() + 1e-6 * scale)
 
 
 def test_fast_conv_grad_models_agree_inside_loops(tiny):
