@@ -441,26 +441,34 @@ def analytic_flops(model_name: str, image_shape) -> Optional[dict[str, float]]:
     image_shape: `(H, W, C)`.
 
   Returns:
-    `{"forward", "forward_in_bounds", "forward_and_input_grad"}` FLOPs per
-    example (the last is `2 * forward`), or None for models outside the
-    `MnistCNN` family.
+    `{"forward", "forward_in_bounds", "forward_and_input_grad",
+    "few_channel_out_of_bounds"}` FLOPs per example
+    (`forward_and_input_grad` is `2 * forward`; the last counts the taps
+    outside the image of the convs with at most `models.FEW_CHANNELS` input
+    channels, whose input gradient is a matmul over all taps), or None for
+    models outside the `MnistCNN` family.
   """
   model = models.get_model(model_name, num_classes=NUM_CLASSES)
   if not isinstance(model, models.MnistCNN):
     return None
   h, w, c = image_shape
   k = model.kernel_size
-  naive = in_bounds = 0.0
+  naive = in_bounds = few_out_of_bounds = 0.0
   for features in model.conv_features:
-    naive += 2.0 * h * w * c * features * k * k
-    in_bounds += 2.0 * c * features * (
+    layer = 2.0 * h * w * c * features * k * k
+    layer_in_bounds = 2.0 * c * features * (
         _in_bounds_taps(h, k, h, pad_lo=(k - 1) // 2)
         * _in_bounds_taps(w, k, w, pad_lo=(k - 1) // 2))
+    naive += layer
+    in_bounds += layer_in_bounds
+    if c <= models.FEW_CHANNELS:
+      few_out_of_bounds += layer - layer_in_bounds
     h, w, c = -(-h // 2), -(-w // 2), features
   fc = 2.0 * (h * w * c * model.dense_features
               + model.dense_features * NUM_CLASSES)
   return {"forward": naive + fc, "forward_in_bounds": in_bounds + fc,
-          "forward_and_input_grad": 2.0 * (naive + fc)}
+          "forward_and_input_grad": 2.0 * (naive + fc),
+          "few_channel_out_of_bounds": few_out_of_bounds}
 
 
 # --- Timing one compiled program. --------------------------------------------
