@@ -445,7 +445,8 @@ def analytic_flops(model_name: str, image_shape) -> Optional[dict[str, float]]:
     "few_channel_out_of_bounds"}` FLOPs per example
     (`forward_and_input_grad` is `2 * forward`; the last counts the taps
     outside the image of the convs with at most `models.FEW_CHANNELS` input
-    channels, whose input gradient is a matmul over all taps), or None for
+    and at least `models.MIN_CONTRACTED_CHANNELS` output channels, whose
+    input gradient is a matmul over all taps), or None for
     models outside the `MnistCNN` family.
   """
   model = models.get_model(model_name, num_classes=NUM_CLASSES)
@@ -461,7 +462,8 @@ def analytic_flops(model_name: str, image_shape) -> Optional[dict[str, float]]:
         * _in_bounds_taps(w, k, w, pad_lo=(k - 1) // 2))
     naive += layer
     in_bounds += layer_in_bounds
-    if c <= models.FEW_CHANNELS:
+    if (c <= models.FEW_CHANNELS
+        and features >= models.MIN_CONTRACTED_CHANNELS):
       few_out_of_bounds += layer - layer_in_bounds
     h, w, c = -(-h // 2), -(-w // 2), features
   fc = 2.0 * (h * w * c * model.dense_features
@@ -655,7 +657,8 @@ class _Workloads:
     init_fn, self.apply_fn, self.surrogate_fn = models.make_apply_fns(
         settings.model, num_classes=NUM_CLASSES)
     self.key = jax.random.key(settings.rng_seed)
-    self.params = jax.jit(init_fn)(self.key, jnp.asarray(self.images[:1]))
+    self.params = runtime.run_once(init_fn, self.key,
+                                   jnp.asarray(self.images[:1]))
     self.analytic = analytic_flops(settings.model, self.image_shape)
     madry = paper.get_config("mnist,madry")
     self.pgd_kwargs = dict(

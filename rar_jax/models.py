@@ -308,7 +308,7 @@ def _fast_conv_bwd(pads, precision, residuals, g):
   k_t = jnp.swapaxes(jnp.flip(k, (0, 1)), 2, 3)
   t_pads = tuple((kd - 1 - lo, kd - 1 - hi)
                  for (lo, hi), kd in zip(pads, k.shape[:2]))
-  if k.shape[2] <= FEW_CHANNELS:   # An image's first layer: see below.
+  if _few_outputs(k_t):   # E.g. an image's first layer: see below.
     dx = _conv_few_outputs(g, k_t, t_pads, precision)
   else:
     dx = _fast_conv(g, k_t, t_pads, precision)
@@ -324,8 +324,21 @@ def _fast_conv_bwd(pads, precision, residuals, g):
 
 _fast_conv.defvjp(_fast_conv_fwd, _fast_conv_bwd)
 
-# Output channels up to which `_conv_few_outputs` replaces a convolution.
+# `_conv_few_outputs` replaces a convolution (an input gradient) with at
+# most FEW_CHANNELS output channels and at least MIN_CONTRACTED_CHANNELS
+# input channels. Narrower convolutions are cheap either way, and compile
+# faster as convolutions: the IG-NORM loss gradient of `tiny_cnn` (2 and 4
+# channels) traced and compiled in 1.5 + 3.1 s with convolutions against
+# 2.1 + 3.9 s with the matmul form (`tiny_resnet`: 2.5 + 7.2 against
+# 2.9 + 8.8 s).
 FEW_CHANNELS = 3
+MIN_CONTRACTED_CHANNELS = 8
+
+
+def _few_outputs(kernel):
+  """Whether the HWIO conv with `kernel` goes to `_conv_few_outputs`."""
+  return (kernel.shape[3] <= FEW_CHANNELS
+          and kernel.shape[2] >= MIN_CONTRACTED_CHANNELS)
 
 
 def _conv_few_outputs(x, k, pads, precision):
@@ -373,8 +386,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   they fall to a generic loop-nest convolution: IG on the MNIST CNN ran
   2.2x slower and the kernel gradient ~35x slower (`BUILD.md`,
   "Performance"). An input gradient with at most `FEW_CHANNELS` channels
-  (an image's first layer) is a matmul followed by shifted sums instead,
-  which XLA:CPU runs ~2x faster than a convolution (`_conv_few_outputs`).
+  from at least `MIN_CONTRACTED_CHANNELS` (an image's first layer) is a
+  matmul followed by shifted sums instead, which XLA:CPU ran ~2x faster than
+  a convolution in the MNIST CNN's programs (`_conv_few_outputs`).
   Every other configuration goes to `lax.conv_general_dilated` unchanged.
 
   Reverse mode works to any order (the rule is itself differentiable and

@@ -1,4 +1,4 @@
-"""Process-level settings of the XLA runtime that make rar_jax faster.
+"""Settings of the XLA runtime that make rar_jax faster.
 
 `prefer_eigen_convolutions()` adds one XLA:CPU flag to `XLA_FLAGS`, before
 JAX starts its backends: it keeps convolutions out of XLA:CPU's YNNPACK
@@ -12,12 +12,18 @@ The training, evaluation and benchmark binaries call it first thing; from a
 notebook, call it before the first JAX computation, or set the flag in the
 shell. A flag you set yourself is never overridden.
 
+`run_once(fn, *args)` runs code that runs once per process, such as a
+model's initialiser, as one jitted program compiled without LLVM optimisation
+on CPU: XLA:CPU spent 9-28 s optimising the random-number kernels of
+`tiny_resnet`'s initialiser, which then run once in milliseconds.
+
 References:
-  XLA:CPU debug options, `xla_cpu_experimental_ynn_fusion_type`.
+  XLA:CPU debug options, `xla_cpu_experimental_ynn_fusion_type` and
+  `xla_backend_optimization_level`.
 """
 
 import os
-from typing import MutableMapping, Optional
+from typing import Any, Callable, MutableMapping, Optional
 
 import jaxlib
 
@@ -70,4 +76,49 @@ def prefer_eigen_convolutions(
   return True
 
 
-__all__ = ["FLAG_NAME", "EIGEN_CONVOLUTIONS", "prefer_eigen_convolutions"]
+# Compiler options of `run_once`, per platform: LLVM at -O0 on XLA:CPU.
+RUN_ONCE_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0}}
+
+
+def run_once(fn: Callable[..., Any], *args: Any) -> Any:
+  """`jax.jit(fn)(*args)`, compiled for a program that runs once.
+
+  On CPU, with a jaxlib known to accept them, the program is compiled with
+  `RUN_ONCE_OPTIONS["cpu"]`: XLA:CPU's kernels are not optimised by LLVM.
+  That is for code whose compile time dwarfs its run time, such as a
+  model's initialiser (threefry hashes and truncated normals, one kernel per
+  parameter): `jax.jit(init_fn)` of `tiny_resnet` took 9-28 s to compile on
+  a 2-core CPU, `run_once` 1-3 s, and `mnist_cnn`'s 6.5 s against 1.4 s.
+  The results equal `jax.jit(fn)(*args)` up to float32 rounding (the
+  initialisers' parameters differ by at most 1 ulp; threefry's integer bits
+  are identical). Elsewhere (GPU, TPU, other jaxlib releases) this is
+  `jax.jit(fn)(*args)`.
+
+  Args:
+    fn: a function of arrays (pytrees) that `jax.jit` accepts.
+    *args: its positional arguments, all arrays or pytrees of arrays.
+
+  Returns:
+    `fn(*args)`, computed by one compiled program.
+
+  References:
+    XLA's `DebugOptions.xla_backend_optimization_level`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from rar_jax import models
+    >>> init_fn, _, _ = models.make_apply_fns("tiny_cnn", num_classes=10)
+    >>> params = run_once(init_fn, jax.random.key(0), jnp.zeros([1, 28, 28, 1]))
+    >>> params["conv1"]["kernel"].shape
+    (3, 3, 1, 2)
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  lowered = jax.jit(fn).lower(*args)
+  options = None
+  if jaxlib.__version__.startswith(_KNOWN_JAXLIB):
+    options = RUN_ONCE_OPTIONS.get(jax.default_backend())
+  return lowered.compile(compiler_options=options)(*args)
+
+
+__all__ = ["FLAG_NAME", "EIGEN_CONVOLUTIONS", "RUN_ONCE_OPTIONS",
+           "prefer_eigen_convolutions", "run_once"]

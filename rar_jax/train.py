@@ -51,6 +51,7 @@ from rar_jax import data as data_lib
 from rar_jax import metrics as metrics_lib
 from rar_jax import models
 from rar_jax import objectives
+from rar_jax import runtime
 from rar_jax import summary
 from rar_jax.attacks import pgd
 
@@ -1067,10 +1068,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       config.model.name, num_classes=config.dataset.num_classes,
       activation=config.model.activation)
   tx = create_optimizer(config.optimizer)
-  # One compiled program: run eagerly, every initializer compiles its own
-  # random-number kernel (seconds each on CPU).
-  params = jax.jit(init_fn)(jax.random.key(config.seed),
-                           jnp.asarray(train_x[:1]))
+  # One compiled program (run eagerly, every initializer compiles its own
+  # random-number kernel), without LLVM optimisation on CPU: it runs once.
+  params = runtime.run_once(init_fn, jax.random.key(config.seed),
+                            jnp.asarray(train_x[:1]))
   state = jax.device_get({"params": params, "opt_state": tx.init(params),
                           "step": np.int32(0)})
   restored = _restore(workdir, config, state)

@@ -320,19 +320,22 @@ def _fast_conv(x, k, strides, padding):
     ((3, 3), (1, 1), ((2, 0), (1, 2))),  # explicit, asymmetric
     ((3, 3), (2, 2), "SAME"),            # stride 2: lax's own path
 ])
-@pytest.mark.parametrize("channels", [(3, 4), (4, 1)])
+@pytest.mark.parametrize("channels", [(3, 8), (4, 1)])
 def test_fast_conv_equals_lax_conv_to_third_order(kernel, strides, padding,
                                                   channels):
   """Values and derivatives to the third order, against float64.
 
-  (4, 1) channels: the input gradient has 4 outputs, a convolution; (3, 4):
-  it has 3, the matmul-and-sums form of `_conv_few_outputs`. Both are float32
+  (4, 1) channels: the input gradient has 4 outputs, a convolution; (3, 8):
+  3 outputs from 8 channels, the matmul-and-sums form of
+  `_conv_few_outputs`. Both are float32
   computations summed in other orders than lax's, so both are held to the
   float64 result with a tolerance relative to each output's scale, and the
   fast path may not be much less accurate than lax's.
   """
   x = _RNG.normal(size=(2, 7, 6, channels[0]))
   k = _RNG.normal(size=kernel + channels)
+  # The input gradient's kernel is k with in/out swapped.
+  assert models._few_outputs(np.swapaxes(k, 2, 3)) == (channels == (3, 8))
   for conv in (_lax_conv, _fast_conv):
     assert conv(x, k, strides, padding).shape == _lax_conv(
         x, k, strides, padding).shape

@@ -15,7 +15,7 @@ from jupyter_client.manager import KernelManager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "experiments", "notebooks", "quickstart.ipynb")
-TIMEOUT_S = 600   # per cell; the whole notebook takes about 1.5 min on 2 CPUs
+TIMEOUT_S = 600   # per cell; the whole notebook takes 1-2 min on 2 CPUs
 
 
 def _kernel_env():

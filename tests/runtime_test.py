@@ -1,8 +1,14 @@
-"""Tests for rar_jax.runtime: the XLA flag is added only where it can act."""
+"""Tests for rar_jax.runtime: the XLA flag is added only where it can act;
+`run_once` compiles with its options and computes what `jax.jit` computes."""
 
 import os
 import subprocess
 import sys
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from rar_jax import runtime
 
@@ -43,3 +49,36 @@ def test_a_flag_the_user_set_stands():
   mine = f"--{runtime.FLAG_NAME}=individual_dot"
   added, flags = _probe(mine)[:2]
   assert added == "False" and flags == mine
+
+
+def _draws(key, x):
+  """Random draws as an initialiser makes them, and float arithmetic."""
+  k1, k2 = jax.random.split(key)
+  return {"normal": jax.random.truncated_normal(k1, -2.0, 2.0, (64, 32)),
+          "uniform": jax.random.uniform(k2, (16,), minval=-1.0, maxval=1.0),
+          "bits": jax.random.bits(k2, (8,)),
+          "tanh": jnp.tanh(x) * jnp.exp(-x) + jnp.sqrt(x)}
+
+
+def test_run_once_compiles_with_its_options_and_equals_jit():
+  key, x = jax.random.key(3), jnp.linspace(0.0, 4.0, 257)
+  compiled_with = []
+  compile_ = jax.stages.Lowered.compile
+
+  def spy(lowered, *args, **kwargs):
+    compiled_with.append(kwargs.get("compiler_options"))
+    return compile_(lowered, *args, **kwargs)
+
+  with mock.patch.object(jax.stages.Lowered, "compile", spy):
+    once = runtime.run_once(_draws, key, x)
+  assert compiled_with == [runtime.RUN_ONCE_OPTIONS["cpu"]]
+  jitted = jax.jit(_draws)(key, x)
+  # Threefry's integer bits are the same; floats within float32 rounding
+  # (a few ulps of the largest value: LLVM's optimisations reorder them).
+  np.testing.assert_array_equal(once["bits"], jitted["bits"])
+  for name in ("normal", "uniform", "tanh"):
+    scale = float(np.abs(jitted[name]).max())
+    np.testing.assert_allclose(once[name], jitted[name], rtol=0,
+                               atol=4 * np.finfo(np.float32).eps * scale,
+                               err_msg=name)
+  assert np.abs(np.asarray(once["normal"])).max() <= 2.0

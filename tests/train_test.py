@@ -90,21 +90,29 @@ def test_resuming_a_finished_run_with_another_objective_is_refused(tmp_path):
 
 
 def _params_after(parallel, num_devices, tmp_path):
-  config = paper.get_config("mnist,madry,smoke")
-  config.parallel = parallel
+  """(final metrics, parameters) of 3 Madry smoke steps (no checkpoints)."""
+  config = multihost_worker.smoke_config(parallel)
   config.num_devices = num_devices
-  config.num_train_steps = 3
-  config.checkpoint_every_steps = 0
   workdir = str(tmp_path / f"{parallel}{num_devices}")
   metrics = train.train_and_evaluate(config, workdir)
   return metrics, train.latest_checkpoint(workdir)[1]
 
 
-def test_pmap_shard_map_and_one_device_give_the_same_parameters(tmp_path):
+@pytest.fixture(scope="module")
+def four_devices(tmp_path_factory):
+  """`_params_after` on this process's 4 devices, per parallel mode: the
+  reference of the one-device and the two-process runs."""
+  tmp_path = tmp_path_factory.mktemp("four_devices")
+  return {parallel: _params_after(parallel, 4, tmp_path)
+          for parallel in ("pmap", "shard_map")}
+
+
+def test_pmap_shard_map_and_one_device_give_the_same_parameters(
+    tmp_path, four_devices):
   assert jax.local_device_count() == 4
   one_metrics, one = _params_after("pmap", 1, tmp_path)
-  pmap_metrics, four = _params_after("pmap", 4, tmp_path)
-  shard_metrics, sharded = _params_after("shard_map", 4, tmp_path)
+  pmap_metrics, four = four_devices["pmap"]
+  shard_metrics, sharded = four_devices["shard_map"]
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
   jax.tree.map(close, one, four)
   jax.tree.map(close, one, sharded)
@@ -114,7 +122,8 @@ def test_pmap_shard_map_and_one_device_give_the_same_parameters(tmp_path):
           == shard_metrics["adversarial_accuracy"])
 
 
-def test_two_processes_train_like_one_process_with_as_many_devices(tmp_path):
+def test_two_processes_train_like_one_process_with_as_many_devices(
+    tmp_path, four_devices):
   """jax.distributed on localhost: 2 processes x 2 devices == 1 x 4."""
   with socket.socket() as sock:
     sock.bind(("localhost", 0))
@@ -129,10 +138,7 @@ def test_two_processes_train_like_one_process_with_as_many_devices(tmp_path):
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
   for parallel in ("pmap", "shard_map"):
-    config = multihost_worker.smoke_config(parallel)
-    config.num_devices = 4
-    single = train.train_and_evaluate(config, str(tmp_path / f"one_{parallel}"))
-    _, params = train.latest_checkpoint(str(tmp_path / f"one_{parallel}"))
+    single, params = four_devices[parallel]
     multi = np.load(tmp_path / f"{parallel}.npz")
     leaves = jax.tree.leaves(params)
     for i, leaf in enumerate(leaves):
