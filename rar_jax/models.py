@@ -386,9 +386,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   they fall to a generic loop-nest convolution: IG on the MNIST CNN ran
   2.2x slower and the kernel gradient ~35x slower (`BUILD.md`,
   "Performance"). An input gradient with at most `FEW_CHANNELS` channels
-  from at least `MIN_CONTRACTED_CHANNELS` (an image's first layer) is a
-  matmul followed by shifted sums instead, which XLA:CPU ran ~2x faster than
-  a convolution in the MNIST CNN's programs (`_conv_few_outputs`).
+  from at least `MIN_CONTRACTED_CHANNELS` channels (an image's first layer)
+  is a matmul followed by shifted sums instead, which XLA:CPU ran ~2x
+  faster than a convolution in the MNIST CNN's programs
+  (`_conv_few_outputs`).
   Every other configuration goes to `lax.conv_general_dilated` unchanged.
 
   Reverse mode works to any order (the rule is itself differentiable and

@@ -14,7 +14,7 @@ shell. A flag you set yourself is never overridden.
 
 `run_once(fn, *args)` runs code that runs once per process, such as a
 model's initialiser, as one jitted program compiled without LLVM optimisation
-on CPU: XLA:CPU spent 9-28 s optimising the random-number kernels of
+on CPU: XLA:CPU spent 8-28 s optimising the random-number kernels of
 `tiny_resnet`'s initialiser, which then run once in milliseconds.
 
 References:
@@ -27,9 +27,10 @@ from typing import Any, Callable, MutableMapping, Optional
 
 import jaxlib
 
-# The XLA flag and the jaxlib releases known to have it: an unknown flag in
-# XLA_FLAGS is a fatal error at backend start, so other releases are left
-# alone.
+# The XLA flag and the jaxlib releases known to have it and to accept
+# `RUN_ONCE_OPTIONS`: an unknown flag in XLA_FLAGS is a fatal error at
+# backend start (an unknown compiler option fails the compile), so other
+# releases are left alone.
 FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
 EIGEN_CONVOLUTIONS = f"--{FLAG_NAME}=-individual_convolution"
 _KNOWN_JAXLIB = ("0.10.",)
@@ -87,12 +88,15 @@ def run_once(fn: Callable[..., Any], *args: Any) -> Any:
   `RUN_ONCE_OPTIONS["cpu"]`: XLA:CPU's kernels are not optimised by LLVM.
   That is for code whose compile time dwarfs its run time, such as a
   model's initialiser (threefry hashes and truncated normals, one kernel per
-  parameter): `jax.jit(init_fn)` of `tiny_resnet` took 9-28 s to compile on
+  parameter): `jax.jit(init_fn)` of `tiny_resnet` took 8-28 s to compile on
   a 2-core CPU, `run_once` 1-3 s, and `mnist_cnn`'s 6.5 s against 1.4 s.
   The results equal `jax.jit(fn)(*args)` up to float32 rounding (the
   initialisers' parameters differ by at most 1 ulp; threefry's integer bits
-  are identical). Elsewhere (GPU, TPU, other jaxlib releases) this is
-  `jax.jit(fn)(*args)`.
+  are identical). Elsewhere (GPU, TPU, other jaxlib releases) the program is
+  compiled with XLA's defaults. Called with traced arguments (inside `jit`,
+  `vmap`, `grad`), it is `jax.jit(fn)(*args)`, part of the outer program.
+  Each call traces `fn` again (no keyword arguments; it is meant for one
+  call).
 
   Args:
     fn: a function of arrays (pytrees) that `jax.jit` accepts.
@@ -113,6 +117,8 @@ def run_once(fn: Callable[..., Any], *args: Any) -> Any:
     (3, 3, 1, 2)
   """
   import jax  # pylint: disable=g-import-not-at-top
+  if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args)):
+    return jax.jit(fn)(*args)
   lowered = jax.jit(fn).lower(*args)
   options = None
   if jaxlib.__version__.startswith(_KNOWN_JAXLIB):

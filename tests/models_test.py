@@ -1,6 +1,7 @@
 """Tests for rar_jax.models: shapes, parameter counts, init, activations."""
 
 import math
+from unittest import mock
 
 import chex
 import flax
@@ -334,8 +335,6 @@ def test_fast_conv_equals_lax_conv_to_third_order(kernel, strides, padding,
   """
   x = _RNG.normal(size=(2, 7, 6, channels[0]))
   k = _RNG.normal(size=kernel + channels)
-  # The input gradient's kernel is k with in/out swapped.
-  assert models._few_outputs(np.swapaxes(k, 2, 3)) == (channels == (3, 8))
   for conv in (_lax_conv, _fast_conv):
     assert conv(x, k, strides, padding).shape == _lax_conv(
         x, k, strides, padding).shape
@@ -355,6 +354,14 @@ def test_fast_conv_equals_lax_conv_to_third_order(kernel, strides, padding,
   with jax.enable_x64(True):
     exact = derivatives(_lax_conv, jnp.float64)
   fast = derivatives(_fast_conv, jnp.float32)
+  # The first-order input gradient takes the matmul form exactly where the
+  # rule says: stride 1, 3 outputs from 8 channels.
+  with mock.patch.object(models, "_conv_few_outputs",
+                         wraps=models._conv_few_outputs) as few:
+    jax.make_jaxpr(jax.grad(lambda x: jnp.sum(_fast_conv(
+        x, jnp.asarray(k, jnp.float32), strides, padding))))(
+            jnp.asarray(x, jnp.float32))
+  assert few.called == (channels == (3, 8) and strides == (1, 1))
   plain = derivatives(_lax_conv, jnp.float32)
   for got, ref, want in zip(fast, plain, exact):
     scale = np.abs(want).max()

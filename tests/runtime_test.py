@@ -8,6 +8,7 @@ from unittest import mock
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 from rar_jax import runtime
@@ -71,8 +72,14 @@ def test_run_once_compiles_with_its_options_and_equals_jit():
 
   with mock.patch.object(jax.stages.Lowered, "compile", spy):
     once = runtime.run_once(_draws, key, x)
+    # With traced arguments, it is part of the outer program.
+    outer = jax.jit(lambda k, x: runtime.run_once(_draws, k, x))(key, x)
+  # The tests run on CPU with jaxlib 0.10 (setup.cfg, conftest.py).
+  assert jax.default_backend() == "cpu"
+  assert jaxlib.__version__.startswith(runtime._KNOWN_JAXLIB)
   assert compiled_with == [runtime.RUN_ONCE_OPTIONS["cpu"]]
   jitted = jax.jit(_draws)(key, x)
+  jax.tree.map(np.testing.assert_array_equal, outer, jitted)
   # Threefry's integer bits are the same; floats within float32 rounding
   # (a few ulps of the largest value: LLVM's optimisations reorder them).
   np.testing.assert_array_equal(once["bits"], jitted["bits"])
