@@ -167,7 +167,9 @@ def check_params(params, config, image_shape: Sequence[int], *,
     >>> c = train.default_config()
     >>> c.model.name = "tiny_cnn"
     >>> init_fn, _, _ = models.make_apply_fns("tiny_cnn", num_classes=10)
-    >>> params = jax.jit(init_fn)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    >>> from rar_jax import runtime
+    >>> params = runtime.run_once(init_fn, jax.random.key(0),
+    ...                           jnp.zeros((1, 28, 28, 1)))
     >>> check_params(params, c, (28, 28, 1))          # fits: no error
     >>> check_params(params, c, (32, 32, 3))
     Traceback (most recent call last):

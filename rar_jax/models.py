@@ -816,7 +816,8 @@ def make_apply_fns(
     >>> init_fn, apply_fn, smooth_fn = make_apply_fns("tiny_cnn",
     ...                                               num_classes=10)
     >>> x = jnp.zeros((2, 28, 28, 1))
-    >>> params = jax.jit(init_fn)(jax.random.key(0), x)
+    >>> from rar_jax import runtime  # jax.jit(init_fn), compiled faster
+    >>> params = runtime.run_once(init_fn, jax.random.key(0), x)
     >>> apply_fn(params, x).shape, smooth_fn(params, x).shape
     ((2, 10), (2, 10))
   """

@@ -10,6 +10,7 @@ import pytest
 
 from rar_jax import metrics
 from rar_jax import models
+from rar_jax import runtime
 from rar_jax.attacks import attribution_attack, saliency_fn
 from rar_jax.data import load_embedded_mnist
 
@@ -42,7 +43,9 @@ def trained():
   """A natural ReLU CNN, ~95% accurate on the embedded sample (seconds)."""
   x_train, y_train = load_embedded_mnist("train")
   x_test, y_test = load_embedded_mnist("test")
-  params = _init(jax.random.key(0))
+  # One program, compiled without LLVM optimisation: eagerly, each random
+  # draw compiles its own threefry kernel, 9 s for these three.
+  params = runtime.run_once(_init, jax.random.key(0))
   opt = optax.adam(3e-3)
   state = opt.init(params)
 

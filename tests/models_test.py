@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from rar_jax import models
+from rar_jax import runtime
 
 # RBG keys compile far faster than threefry on CPU; the library is agnostic.
 _KEY = jax.random.key(0, impl="rbg")
@@ -26,7 +27,7 @@ def _tiny_models():
     init_fn, apply_fn, surrogate_fn = models.make_apply_fns(
         name, num_classes=3)
     inputs = jnp.asarray(_RNG.uniform(size=shape) * scale, jnp.float32)
-    params = jax.jit(init_fn)(_KEY, inputs)
+    params = runtime.run_once(init_fn, _KEY, inputs)
     out[name] = (init_fn, jax.jit(apply_fn), jax.jit(surrogate_fn), params,
                  inputs)
   return out
@@ -93,7 +94,7 @@ def test_output_shape_and_param_count(name):
 
 def test_mnist_cnn_init_statistics():
   init_fn, _, _ = models.make_apply_fns("mnist_cnn", num_classes=10)
-  params = jax.jit(init_fn)(_KEY, jnp.zeros((1, 28, 28, 1)))
+  params = runtime.run_once(init_fn, _KEY, jnp.zeros((1, 28, 28, 1)))
   assert set(params) == {"conv1", "conv2", "fc1", "fc2"}
   for layer in params.values():
     np.testing.assert_array_equal(layer["bias"], np.float32(0.1))
@@ -108,7 +109,7 @@ def test_mnist_cnn_init_statistics():
 
 def test_resnet_init_statistics():
   init_fn, _, _ = models.make_apply_fns("resnet_gtsrb", num_classes=43)
-  params = jax.jit(init_fn)(_KEY, jnp.zeros((1, 32, 32, 3)))
+  params = runtime.run_once(init_fn, _KEY, jnp.zeros((1, 32, 32, 3)))
   assert set(params) == {"init_conv", "logit"} | {
       f"unit_{s}_{u}" for s in (1, 2, 3) for u in (0, 1)}
   conv = np.asarray(params["unit_3_1"]["conv2"]["kernel"])  # [3,3,64,64].
@@ -377,7 +378,7 @@ def test_fast_conv_grad_models_agree_inside_loops(tiny):
     _, plain_fn, _ = models.make_apply_fns(name, num_classes=3,
                                            fast_conv_grad=False)
     chex.assert_trees_all_equal_shapes_and_dtypes(
-        params, jax.jit(init_fn)(_KEY, inputs))
+        params, jax.eval_shape(init_fn, _KEY, inputs))
     np.testing.assert_array_equal(apply_fn(params, inputs),
                                   jax.jit(plain_fn)(params, inputs))
 
@@ -401,7 +402,7 @@ def test_forward_mode_needs_plain_convs():
   for fast in (True, False):
     init_fn, apply_fn, _ = models.make_apply_fns(
         "tiny_cnn", num_classes=3, fast_conv_grad=fast)
-    params = jax.jit(init_fn)(_KEY, x)
+    params = runtime.run_once(init_fn, _KEY, x)
     jvp = lambda: jax.jvp(lambda z: apply_fn(params, z), (x,), (x,))
     if fast:
       with pytest.raises(TypeError, match="custom_vjp"):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from rar_jax import objectives
+from rar_jax import runtime
 from rar_jax.objectives import OBJECTIVES, cross_entropy
 
 # --- A one-layer 2-class model: logits [0, <w, x>], so that the softmax
@@ -132,8 +133,10 @@ def _cnn_apply(params, x):
 
 @pytest.fixture(scope="module")
 def cnn_batch():
-  params = _cnn_params(jax.random.key(3))
-  x = jax.random.uniform(jax.random.key(4), (4, 8, 8, 1))
+  # One compiled program, not one threefry kernel per draw (runtime.run_once).
+  params, x = runtime.run_once(
+      lambda k1, k2: (_cnn_params(k1), jax.random.uniform(k2, (4, 8, 8, 1))),
+      jax.random.key(3), jax.random.key(4))
   y = jnp.array([0, 1, 2, 1])
   return params, x, y
 
