@@ -444,9 +444,8 @@ def analytic_flops(model_name: str, image_shape) -> Optional[dict[str, float]]:
     `{"forward", "forward_in_bounds", "forward_and_input_grad",
     "few_channel_out_of_bounds"}` FLOPs per example
     (`forward_and_input_grad` is `2 * forward`; the last counts the taps
-    outside the image of the convs with at most `models.FEW_CHANNELS` input
-    and at least `models.MIN_CONTRACTED_CHANNELS` output channels, whose
-    input gradient is a matmul over all taps), or None for
+    outside the image of the convs whose input gradient is a matmul over
+    all taps, `models.input_grad_is_matmul`), or None for
     models outside the `MnistCNN` family.
   """
   model = models.get_model(model_name, num_classes=NUM_CLASSES)
@@ -462,8 +461,7 @@ def analytic_flops(model_name: str, image_shape) -> Optional[dict[str, float]]:
         * _in_bounds_taps(w, k, w, pad_lo=(k - 1) // 2))
     naive += layer
     in_bounds += layer_in_bounds
-    if (c <= models.FEW_CHANNELS
-        and features >= models.MIN_CONTRACTED_CHANNELS):
+    if models.input_grad_is_matmul(c, features):
       few_out_of_bounds += layer - layer_in_bounds
     h, w, c = -(-h // 2), -(-w // 2), features
   fc = 2.0 * (h * w * c * model.dense_features

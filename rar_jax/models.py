@@ -308,7 +308,7 @@ def _fast_conv_bwd(pads, precision, residuals, g):
   k_t = jnp.swapaxes(jnp.flip(k, (0, 1)), 2, 3)
   t_pads = tuple((kd - 1 - lo, kd - 1 - hi)
                  for (lo, hi), kd in zip(pads, k.shape[:2]))
-  if _few_outputs(k_t):   # E.g. an image's first layer: see below.
+  if input_grad_is_matmul(k.shape[2], k.shape[3]):  # E.g. a first layer.
     dx = _conv_few_outputs(g, k_t, t_pads, precision)
   else:
     dx = _fast_conv(g, k_t, t_pads, precision)
@@ -335,10 +335,30 @@ FEW_CHANNELS = 3
 MIN_CONTRACTED_CHANNELS = 8
 
 
-def _few_outputs(kernel):
-  """Whether the HWIO conv with `kernel` goes to `_conv_few_outputs`."""
-  return (kernel.shape[3] <= FEW_CHANNELS
-          and kernel.shape[2] >= MIN_CONTRACTED_CHANNELS)
+def input_grad_is_matmul(in_channels: int, out_channels: int) -> bool:
+  """Whether `conv_general_dilated`'s input gradient is a matmul and sums.
+
+  The input gradient of a stride-1 conv from `in_channels` to
+  `out_channels` is itself a conv from `out_channels` to `in_channels`;
+  `_conv_few_outputs` computes it when it has at most `FEW_CHANNELS`
+  outputs from at least `MIN_CONTRACTED_CHANNELS` channels.
+
+  Args:
+    in_channels: the forward conv's input channels.
+    out_channels: its output channels.
+
+  Returns:
+    True where the input gradient takes the matmul form.
+
+  References:
+    `BUILD.md`, "Performance", item 6.
+
+  Example:
+    >>> input_grad_is_matmul(1, 32), input_grad_is_matmul(2, 4)
+    (True, False)
+  """
+  return (in_channels <= FEW_CHANNELS
+          and out_channels >= MIN_CONTRACTED_CHANNELS)
 
 
 def _conv_few_outputs(x, k, pads, precision):
