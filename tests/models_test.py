@@ -1,5 +1,6 @@
 """Tests for rar_jax.models: shapes, parameter counts, init, activations."""
 
+import functools
 import math
 from unittest import mock
 
@@ -236,12 +237,14 @@ def test_max_pool_gradient_goes_to_first_maximum():
                                    (1, 7, 9, 2)])
 def test_max_pool_equals_reduce_window_values_and_gradients(shape):
   # Quantised values make ties common, as on MNIST.
-  x = jnp.round(4 * jax.random.uniform(jax.random.key(0), shape)) / 4
+  rng = np.random.default_rng(0)
+  x = np.round(4 * rng.uniform(size=shape)).astype(np.float32) / 4
   ref = lambda z: flax.linen.max_pool(z, (2, 2), strides=(2, 2),
                                       padding="SAME")
   np.testing.assert_array_equal(models.max_pool_2x2(x), ref(x))
-  w = jax.random.normal(jax.random.key(1), ref(x).shape)
-  grad = lambda pool: jax.grad(lambda z: jnp.sum(w * pool(z)))(x)
+  w = rng.standard_normal(ref(x).shape).astype(np.float32)
+  # Jitted: eagerly, every op of the gradient compiles on its own.
+  grad = lambda pool: jax.jit(jax.grad(lambda z: jnp.sum(w * pool(z))))(x)
   np.testing.assert_array_equal(grad(models.max_pool_2x2), grad(ref))
 
 
@@ -403,7 +406,9 @@ def test_forward_mode_needs_plain_convs():
     init_fn, apply_fn, _ = models.make_apply_fns(
         "tiny_cnn", num_classes=3, fast_conv_grad=fast)
     params = runtime.run_once(init_fn, _KEY, x)
-    jvp = lambda: jax.jvp(lambda z: apply_fn(params, z), (x,), (x,))
+    # Jitted (eagerly, every op compiles on its own); the error is raised
+    # while tracing either way.
+    jvp = jax.jit(lambda: jax.jvp(lambda z: apply_fn(params, z), (x,), (x,)))
     if fast:
       with pytest.raises(TypeError, match="custom_vjp"):
         jvp()
@@ -457,7 +462,7 @@ def test_softplus_equals_jax_softplus_to_the_third_derivative():
   ours, theirs = models.softplus, jax.nn.softplus
   for order in (1, 2, 3):
     ours, theirs = jax.grad(ours), jax.grad(theirs)
-    a, b = jax.vmap(ours)(x), jax.vmap(theirs)(x)
+    a, b = jax.jit(jax.vmap(ours))(x), jax.jit(jax.vmap(theirs))(x)
     # float32 rounding of s (1 - s) near s = 1: ~2e-7 absolute for both.
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6,
                                err_msg=f"order {order}")
@@ -470,9 +475,11 @@ def test_softplus_equals_jax_softplus_to_the_third_derivative():
       jax.jvp(jax.nn.softplus, (x,), (t,))[1], rtol=1e-6, atol=1e-7)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _second_derivative(pool, x, w):
   # A function of the input gradient, differentiated again (as IG-NORM
   # does); smooth around the pool, so the second derivative is not zero.
+  # Jitted: eagerly, each of its many small ops compiles on its own.
   inner = lambda z: jnp.sum(w * jnp.sin(pool(z * z)))
   return jax.grad(lambda z: jnp.sum(jnp.cos(jax.grad(inner)(z))))(x)
 
@@ -481,25 +488,26 @@ def test_max_pool_forward_mode_and_second_derivatives():
   ref = lambda z: flax.linen.max_pool(z, (2, 2), strides=(2, 2),
                                       padding="SAME")
   # Without ties: exactly reduce_window's, to second order.
-  x = jax.random.normal(jax.random.key(2), (2, 9, 8, 3))
-  w = jax.random.normal(jax.random.key(4), ref(x).shape)
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((2, 9, 8, 3)).astype(np.float32)
+  w = rng.standard_normal(ref(x).shape).astype(np.float32)
   np.testing.assert_allclose(_second_derivative(models.max_pool_2x2, x, w),
                              _second_derivative(ref, x, w), rtol=1e-6,
                              atol=1e-6)
   # With ties (quantised pixels): reduce_window's second derivative follows
   # XLA's unspecified order of reduction among tied maxima, so the reference
   # is the stop-gradient one-hot of the first maximum.
-  x = jnp.round(4 * jax.random.uniform(jax.random.key(2), x.shape)) / 4
+  x = np.round(4 * rng.uniform(size=x.shape)).astype(np.float32) / 4
   np.testing.assert_allclose(_second_derivative(models.max_pool_2x2, x, w),
                              _second_derivative(_one_hot_pool, x, w),
                              rtol=1e-6, atol=1e-6)
-  t = jax.random.normal(jax.random.key(3), x.shape)
+  t = rng.standard_normal(x.shape).astype(np.float32)
+  tangent = lambda pool: jax.jit(lambda z, dz: jax.jvp(pool, (z,), (dz,))[1])
   for other in (ref, _one_hot_pool):
-    np.testing.assert_array_equal(
-        jax.jvp(models.max_pool_2x2, (x,), (t,))[1],
-        jax.jvp(other, (x,), (t,))[1])
+    np.testing.assert_array_equal(tangent(models.max_pool_2x2)(x, t),
+                                  tangent(other)(x, t))
   # Batched (as IG evaluates its path points).
-  xs = jnp.stack([x, 2 * x])
-  np.testing.assert_array_equal(
-      jax.vmap(jax.grad(lambda z: jnp.sum(w * models.max_pool_2x2(z))))(xs),
-      jax.vmap(jax.grad(lambda z: jnp.sum(w * ref(z))))(xs))
+  xs = np.stack([x, 2 * x])
+  batched = lambda pool: jax.jit(jax.vmap(jax.grad(
+      lambda z: jnp.sum(w * pool(z)))))(xs)
+  np.testing.assert_array_equal(batched(models.max_pool_2x2), batched(ref))

@@ -9,10 +9,17 @@ import pytest
 from rar_jax.attacks import pgd, project, random_start
 
 
+def _uniform(seed, shape, low=0.0, high=1.0):
+  """Test inputs drawn by NumPy: an eager `jax.random` draw compiles a
+  threefry kernel for every new shape (seconds each on a 2-core CPU)."""
+  rng = np.random.default_rng(seed)
+  return rng.uniform(low, high, size=shape).astype(np.float32)
+
+
 def _mlp_objective(seed=0, d=8):
-  k1, k2 = jax.random.split(jax.random.key(seed))
-  w1 = jax.random.normal(k1, (d, 16))
-  w2 = jax.random.normal(k2, (16,))
+  rng = np.random.default_rng(seed)
+  w1 = rng.standard_normal((d, 16)).astype(np.float32)
+  w2 = rng.standard_normal(16).astype(np.float32)
   return lambda x: jnp.tanh(x.reshape(x.shape[0], -1) @ w1) @ w2
 
 
@@ -22,7 +29,7 @@ def test_output_stays_in_the_ball_and_the_box(norm, box):
   clip_min, clip_max = box
   # Centres inside every box tested: clipping to the box can then only move a
   # point towards its centre, so it stays in the ball.
-  x = jax.random.uniform(jax.random.key(1), (16, 8), minval=0.2, maxval=1.0)
+  x = _uniform(1, (16, 8), 0.2, 1.0)
   eps = 0.3 if norm == "linf" else 0.8
   x_adv = pgd(_mlp_objective(), x, epsilon=eps, step_size=0.1, num_steps=7,
               key=jax.random.key(2), norm=norm, clip_min=clip_min,
@@ -59,7 +66,7 @@ def test_l2_reaches_the_analytic_optimum_of_a_linear_objective():
 def test_sign_steps_follow_the_original_update_rule():
   # x' <- clip(clip(x' + a sign(g), x - eps, x + eps), 0, 1), K times.
   f = _mlp_objective(3)
-  x = jax.random.uniform(jax.random.key(4), (5, 8))
+  x = _uniform(4, (5, 8))
   key = jax.random.key(5)
   eps, a = 0.3, 0.07
   x_adv = x + jax.random.uniform(key, x.shape, minval=-eps, maxval=eps)
@@ -74,7 +81,7 @@ def test_sign_steps_follow_the_original_update_rule():
 
 def test_pgd_increases_the_objective():
   f = _mlp_objective(6)
-  x = jax.random.uniform(jax.random.key(7), (32, 8))
+  x = _uniform(7, (32, 8))
   x_adv = pgd(f, x, epsilon=0.2, step_size=0.02, num_steps=20)
   assert float(jnp.mean(f(x_adv) - f(x))) > 0
   assert bool(jnp.all(f(x_adv) >= f(x) - 1e-6))
@@ -138,7 +145,7 @@ def test_no_retracing_across_calls_with_equal_shapes():
 
   chex.clear_trace_counter()
   for seed in range(3):
-    attack(jax.random.uniform(jax.random.key(seed), (4, 8)),
+    attack(_uniform(seed, (4, 8)),
            jax.random.key(seed))
 
 
