@@ -514,10 +514,14 @@ def accuracies(config, apply_fn, params, images, labels, *,
   if restarts == 1:
     return results
   parallel = parallel or _Parallel(config.parallel, _num_devices(config))
-  step_fn = parallel.compile(
-      functools.partial(pgd_restarts_step, apply_fn=apply_fn,
-                        attack=_pgd_attack_kwargs(config),
-                        num_restarts=restarts), num_replicated=1)
+  attack = _pgd_attack_kwargs(config)
+  step_fn = parallel.cached(
+      ("pgd_restarts_step", apply_fn, tuple(sorted(attack.items())),
+       restarts),
+      lambda: parallel.compile(
+          functools.partial(pgd_restarts_step, apply_fn=apply_fn,
+                            attack=attack, num_restarts=restarts),
+          num_replicated=1))
   p_params = parallel.replicate(params)
   n = config.eval.num_examples or len(images)
   count = min(n, config.eval.pgd_num_examples or n)
@@ -588,9 +592,14 @@ def attribution_robustness(config, apply_fn, surrogate_apply_fn, params,
     (3, 2, 2)
   """
   parallel = parallel or _Parallel(config.parallel, _num_devices(config))
-  step_fn = parallel.compile(functools.partial(
-      attack_step, apply_fn=apply_fn, surrogate_apply_fn=surrogate_apply_fn,
-      settings=attack_settings(config)), num_replicated=1)
+  settings = attack_settings(config)
+  step_fn = parallel.cached(
+      ("attack_step", apply_fn, surrogate_apply_fn,
+       tuple(sorted(settings.items()))),
+      lambda: parallel.compile(functools.partial(
+          attack_step, apply_fn=apply_fn,
+          surrogate_apply_fn=surrogate_apply_fn, settings=settings),
+                               num_replicated=1))
   p_params = parallel.replicate(params)
   n = min(config.attack.num_examples or len(images), len(images))
   bs = config.attack.batch_size
@@ -1065,9 +1074,11 @@ def evaluate_checkpoint(config, workdir: str,
   check_params(params, config, images.shape[1:],
                source=f"the checkpoint {checkpoint}")
   train.check_data(images, labels, config, split=config.dataset.test_split)
-  _, apply_fn, surrogate_apply_fn = models.make_apply_fns(
-      config.model.name, num_classes=config.dataset.num_classes,
-      activation=config.model.activation)
+  # The model functions and placement of a training run with these settings
+  # in this process, if any: their compiled steps are reused.
+  programs = train._programs(config, _num_devices(config))  # pylint: disable=protected-access
+  apply_fn = programs.apply_fn
+  surrogate_apply_fn = programs.surrogate_apply_fn
   settings = attack_settings(config)
   # Tracing (no compilation) checks k_top, eval_k, epsilon... against the
   # image shape before any minute is spent on NA and AA.
@@ -1079,7 +1090,7 @@ def evaluate_checkpoint(config, workdir: str,
       jax.ShapeDtypeStruct((1,), jnp.int32))
 
   # --- NA, AA, then the attribution attack. ---
-  parallel = _Parallel(config.parallel, _num_devices(config))
+  parallel = programs.parallel
   logging.info("Evaluating %s at step %d on %s.", workdir, step,
                config.dataset.name)
   results = accuracies(config, apply_fn, params, images, labels,

@@ -28,6 +28,7 @@ Config fields (see `default_config` for defaults):
           ig_chunk_size, num_figure_examples} (read by rar_jax.evaluation).
 """
 
+import collections
 import functools
 import json
 import os
@@ -36,7 +37,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from absl import logging
 import jax
@@ -505,7 +506,18 @@ class _Parallel:
     self.mesh = Mesh(np.array(devices), (AXIS,))
     self.local_mesh = Mesh(np.array(self.local), (AXIS,))
     self.n = len(self.local)
-    self.eval_steps = {}
+    self._compiled = {}
+
+  def cached(self, key, build):
+    """`build()`'s function (e.g. a `compile`d step), made once per `key`.
+
+    Callers key a step by everything it closes over (its functions and
+    settings), so the evaluations of a run, and later runs with the same
+    programs (`_programs`), reuse one traced and compiled program.
+    """
+    if key not in self._compiled:
+      self._compiled[key] = build()
+    return self._compiled[key]
 
   def compile(self, fn, *, num_replicated: int, donate_state=False):
     """`fn(*replicated, *sharded)`; returns replicated outputs."""
@@ -553,6 +565,63 @@ class _Parallel:
       value = np.asarray(x.addressable_shards[0].data)
       return value[0] if self.kind == "pmap" else value
     return jax.tree.map(first, tree)
+
+
+class _Programs(NamedTuple):
+  """What `train_and_evaluate` (and `evaluation.evaluate_checkpoint`) build
+  from a config: `models.make_apply_fns`' functions, the optimiser, the
+  placement and the train step."""
+  init_fn: Callable[..., Any]
+  apply_fn: Callable[..., Any]
+  surrogate_apply_fn: Callable[..., Any]
+  tx: optax.GradientTransformation
+  parallel: _Parallel             # also holds the evaluation steps (cached)
+  train_step: Callable[..., Any]  # pmapped or jitted
+
+
+# The programs of the last `MAX_CACHED_PROGRAMS` settings trained in this
+# process. JAX caches a traced and compiled function by the function object,
+# so a rerun, a resume or a notebook loop with the same settings reuses the
+# step instead of tracing and lowering it again (seconds per run).
+MAX_CACHED_PROGRAMS = 4
+_PROGRAMS: "collections.OrderedDict[str, _Programs]" = (
+    collections.OrderedDict())
+
+
+def _programs(config, num_devices: int) -> _Programs:
+  """The model, optimiser, placement and train step `config` describes.
+
+  Built once per program-defining settings (the model, the number of
+  classes, the objective, the optimiser, the placement); the seed, data,
+  step counts and evaluation settings do not change them.
+  """
+  c = json.loads(config.to_json())
+  key = json.dumps(dict(
+      model=c["model"], num_classes=c["dataset"]["num_classes"],
+      objective=c["objective"], optimizer=c["optimizer"],
+      parallel=c["parallel"], num_devices=num_devices,
+      process_count=jax.process_count()), sort_keys=True)
+  if key in _PROGRAMS:
+    _PROGRAMS.move_to_end(key)
+    return _PROGRAMS[key]
+  init_fn, apply_fn, surrogate_apply_fn = models.make_apply_fns(
+      config.model.name, num_classes=config.dataset.num_classes,
+      activation=config.model.activation)
+  tx = create_optimizer(config.optimizer)
+  parallel = _Parallel(config.parallel, num_devices)
+  step = parallel.compile(
+      functools.partial(train_step, apply_fn=apply_fn,
+                        objective=config.objective.name,
+                        hyper=objective_hyper(config), tx=tx,
+                        weight_decay=config.optimizer.weight_decay,
+                        epsilon_warmup_steps=config.objective.
+                        epsilon_warmup_steps),
+      num_replicated=1, donate_state=True)
+  programs = _PROGRAMS[key] = _Programs(init_fn, apply_fn, surrogate_apply_fn,
+                                              tx, parallel, step)
+  while len(_PROGRAMS) > MAX_CACHED_PROGRAMS:
+    _PROGRAMS.popitem(last=False)
+  return programs
 
 
 def _process_slice(x):
@@ -924,13 +993,13 @@ def evaluate(config, apply_fn, params, images, labels, *, parallel=None,
   for use_pgd in ((False, True) if with_pgd else (False,)):
     # One compiled step per (model, attack) and placement, reused by every
     # periodic evaluation.
-    cache_key = (apply_fn, tuple(sorted(attack.items())) if use_pgd else None)
-    if cache_key not in parallel.eval_steps:
-      parallel.eval_steps[cache_key] = parallel.compile(
-          functools.partial(eval_step, apply_fn=apply_fn,
-                            attack=attack if use_pgd else None),
-          num_replicated=1)
-    step_fn = parallel.eval_steps[cache_key]
+    step_fn = parallel.cached(
+        ("eval_step", apply_fn,
+         tuple(sorted(attack.items())) if use_pgd else None),
+        lambda use_pgd=use_pgd: parallel.compile(
+            functools.partial(eval_step, apply_fn=apply_fn,
+                              attack=attack if use_pgd else None),
+            num_replicated=1))
     count = min(n, config.eval.pgd_num_examples or n) if use_pgd else n
     total = {}
     bs = config.eval.batch_size
@@ -1015,6 +1084,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   older one if the newest is damaged. Either way the resumed run ends with the
   same parameters as an uninterrupted one (deterministic batches and keys).
 
+  In one process, a run with the model, objective, optimiser and placement
+  of one of the last `MAX_CACHED_PROGRAMS` runs reuses their traced and
+  compiled steps (a resume, another seed or dataset of the same shapes, a
+  notebook loop); `evaluation.evaluate_checkpoint` reuses them too.
+
   Args:
     config: a `ConfigDict` with the fields of `default_config()`.
     workdir: output folder: `checkpoints/`, `metrics.jsonl`, TensorBoard
@@ -1047,7 +1121,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   # --- Check everything that can be checked before compiling. ---
   validate_config(config)
   num_devices = _num_devices(config)
-  parallel = _Parallel(config.parallel, num_devices)
   train_x, train_y = data_lib.load_dataset(
       config.dataset.name, config.dataset.train_split,
       data_dir=config.dataset.data_dir, pixel_max=config.dataset.pixel_max)
@@ -1064,10 +1137,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   is_writer = jax.process_index() == 0
 
   # --- Model, optimiser, state; resume if a checkpoint exists. ---
-  init_fn, apply_fn, _ = models.make_apply_fns(
-      config.model.name, num_classes=config.dataset.num_classes,
-      activation=config.model.activation)
-  tx = create_optimizer(config.optimizer)
+  programs = _programs(config, num_devices)
+  init_fn, apply_fn, tx = programs.init_fn, programs.apply_fn, programs.tx
+  parallel = programs.parallel
   # One compiled program (run eagerly, every initializer compiles its own
   # random-number kernel), without LLVM optimisation on CPU: it runs once.
   params = runtime.run_once(init_fn, jax.random.key(config.seed),
@@ -1089,14 +1161,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     # TensorBoard drops the earlier files' points after `start`.
     writer.session_start(start + 1)
 
-  hyper = objective_hyper(config)
-  p_train_step = parallel.compile(
-      functools.partial(train_step, apply_fn=apply_fn,
-                        objective=config.objective.name, hyper=hyper, tx=tx,
-                        weight_decay=config.optimizer.weight_decay,
-                        epsilon_warmup_steps=config.objective.
-                        epsilon_warmup_steps),
-      num_replicated=1, donate_state=True)
+  p_train_step = programs.train_step
   p_state = parallel.replicate(state)
 
   def write(record):

@@ -1,5 +1,6 @@
 """Tests of rar_jax.train and experiments/train.py on smoke configs."""
 
+import contextlib
 import json
 import os
 import socket
@@ -10,6 +11,7 @@ from unittest import mock
 from absl import flags
 from absl.testing import flagsaver
 import jax
+from jax import monitoring
 import numpy as np
 import pytest
 
@@ -41,6 +43,24 @@ def _run_binary(workdir, *overrides, config="quickstart.py:smoke"):
     train_bin.main(["train.py"])
 
 
+@contextlib.contextmanager
+def _compile_events():
+  """Collects the (event, function) of every lowering and XLA compile."""
+  events = []
+
+  def listener(event, duration, **kwargs):
+    del duration
+    if event in ("/jax/core/compile/jaxpr_to_mlir_module_duration",
+                 "/jax/core/compile/backend_compile_duration"):
+      events.append((event, kwargs.get("fun_name")))
+
+  monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield events
+  finally:
+    monitoring.unregister_event_duration_listener(listener)
+
+
 def test_binary_end_to_end_and_resume_to_the_same_parameters(tmp_path,
                                                              capsys):
   # Uninterrupted: 4 steps.
@@ -52,10 +72,14 @@ def test_binary_end_to_end_and_resume_to_the_same_parameters(tmp_path,
   assert "adversarial_accuracy" in printed
   with open(os.path.join(full, "final_metrics.json")) as f:
     assert json.load(f) == printed
-  # Interrupted after the checkpoint at step 2, then rerun to step 4.
+  # Interrupted after the checkpoint at step 2, then rerun to step 4. The
+  # same settings in the same process: the programs of the first run are
+  # reused (train._programs), nothing is lowered or compiled again.
   resumed = str(tmp_path / "resumed")
-  _run_binary(resumed, "--config.num_train_steps=2")
-  _run_binary(resumed)
+  with _compile_events() as events:
+    _run_binary(resumed, "--config.num_train_steps=2")
+    _run_binary(resumed)
+  assert not events, events
   step_a, params_a = train.latest_checkpoint(full)
   step_b, params_b = train.latest_checkpoint(resumed)
   assert step_a == step_b == 4
