@@ -293,7 +293,10 @@ def _body_flops(body, cache, notes) -> tuple[float, float]:
   """(XLA's count of a loop body compiled alone, its count with its loops)."""
   if id(body) not in cache:
     avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in body.in_avals]
-    compiled = jax.jit(jax_core.jaxpr_as_fun(body)).lower(*avals).compile()
+    # Compiled only for XLA's cost analysis (of the optimised HLO): LLVM's
+    # optimisation of the code would change nothing but the time it takes.
+    compiled = runtime.compile_for_one_run(
+        jax.jit(jax_core.jaxpr_as_fun(body)).lower(*avals))
     once = _xla_flops(compiled)
     cache[id(body)] = (body, once, once + _loop_correction(
         body.jaxpr, None, cache, notes))

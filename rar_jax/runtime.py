@@ -119,12 +119,37 @@ def run_once(fn: Callable[..., Any], *args: Any) -> Any:
   import jax  # pylint: disable=g-import-not-at-top
   if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args)):
     return jax.jit(fn)(*args)
-  lowered = jax.jit(fn).lower(*args)
+  return compile_for_one_run(jax.jit(fn).lower(*args))(*args)
+
+
+def compile_for_one_run(lowered: Any) -> Any:
+  """`lowered.compile()`, with `RUN_ONCE_OPTIONS` where they are accepted.
+
+  The compiled program of `run_once`; also for programs compiled only to be
+  inspected (XLA's cost and memory analyses are made on the optimised HLO,
+  which these options leave alone: they only change LLVM's code generation).
+
+  Args:
+    lowered: a `jax.stages.Lowered` (`jax.jit(fn).lower(*args)`).
+
+  Returns:
+    The `jax.stages.Compiled` program.
+
+  References:
+    XLA's `DebugOptions.xla_backend_optimization_level`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> lowered = jax.jit(lambda x: x @ x).lower(jnp.ones((4, 4)))
+    >>> compile_for_one_run(lowered).cost_analysis()["flops"]
+    128.0
+  """
+  import jax  # pylint: disable=g-import-not-at-top
   options = None
   if jaxlib.__version__.startswith(_KNOWN_JAXLIB):
     options = RUN_ONCE_OPTIONS.get(jax.default_backend())
-  return lowered.compile(compiler_options=options)(*args)
+  return lowered.compile(compiler_options=options)
 
 
 __all__ = ["FLAG_NAME", "EIGEN_CONVOLUTIONS", "RUN_ONCE_OPTIONS",
-           "prefer_eigen_convolutions", "run_once"]
+           "prefer_eigen_convolutions", "run_once", "compile_for_one_run"]
