@@ -243,3 +243,18 @@ def test_learning_rate_schedule_is_piecewise_constant():
 
 
 # Bad configs, bad data and non-finite steps: tests/reliability_test.py.
+
+
+def test_example_keys_are_the_documented_pure_function_of_the_step():
+  # A resumed run draws the same keys as the run it continues: per example,
+  # split(fold_in(fold_in(key(seed), salt), step), B), whichever program
+  # computes them.
+  for seed, step, batch, salt in ((0, 0, 4, 0), (4557077, 99999, 6, 1)):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), salt),
+                             step)
+    expected = np.asarray(jax.random.key_data(jax.random.split(key, batch)))
+    got = train._example_keys(seed, step, batch, salt)  # pylint: disable=protected-access
+    assert isinstance(got, np.ndarray) and got.shape == (batch, 2)
+    np.testing.assert_array_equal(got, expected)
+  assert not np.array_equal(train._example_keys(0, 1, 4),  # pylint: disable=protected-access
+                            train._example_keys(0, 2, 4))  # pylint: disable=protected-access
