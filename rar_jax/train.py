@@ -1187,44 +1187,66 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                              seed=config.seed, start_step=start)
   window, t0, t_start = {}, time.time(), time.time()
   last_saved = start
+
+  def check(done, sums):
+    """Brings a step's sums to the host; refuses non-finite values."""
+    sums = parallel.unreplicate(sums)
+    bad = [k for k, v in sums.items() if not np.isfinite(v)]
+    if sums.pop("nonfinite_params"):
+      bad.append("updated parameters")
+    if bad:
+      where = (f"the last good checkpoint is step {last_saved} in "
+               f"{manager.directory}" if last_saved else
+               "no checkpoint was saved before it")
+      raise NonFiniteError(
+          f"Non-finite {', '.join(bad)} at step {done} (objective "
+          f"{config.objective.name!r}); {where}. Lower the learning rate "
+          "or check the data.")
+    for k, v in sums.items():
+      window[k] = window.get(k, 0.0) + float(v)
+    window["steps"] = window.get("steps", 0) + 1
+
+  def every(n, done):
+    return bool(n) and done % n == 0
+
   try:
     with _StopRequests() as stop:
+      # A step's sums are checked while the next step runs (the host does
+      # not wait for the device between steps), except at a step that logs,
+      # saves, evaluates, ends or stops: that one is checked before the
+      # next starts (its state is still there to save). So every saved
+      # state has been checked, and a non-finite step is reported by its
+      # own number, at most one step later.
+      pending = None
       for step in range(start, total_steps):
         x, y = next(batches)
         keys = _example_keys(config.seed, step, config.batch_size)
         local = [_process_slice(v) for v in (x, y, keys)]
         p_state, sums = p_train_step(p_state, *parallel.shard(local))
-        sums = parallel.unreplicate(sums)
-        bad = [k for k, v in sums.items() if not np.isfinite(v)]
-        if sums.pop("nonfinite_params"):
-          bad.append("updated parameters")
-        if bad:
-          where = (f"the last good checkpoint is step {last_saved} in "
-                   f"{manager.directory}" if last_saved else
-                   "no checkpoint was saved before it")
-          raise NonFiniteError(
-              f"Non-finite {', '.join(bad)} at step {step + 1} (objective "
-              f"{config.objective.name!r}); {where}. Lower the learning rate "
-              "or check the data.")
-        for k, v in sums.items():
-          window[k] = window.get(k, 0.0) + float(v)
-        window["steps"] = window.get("steps", 0) + 1
         done = step + 1
-        if done % config.log_every_steps == 0 or done == total_steps:
+        if pending is not None:
+          check(*pending)
+          pending = None
+        signum = stop.requested()
+        if not (signum or done == total_steps
+                or every(config.log_every_steps, done)
+                or every(config.checkpoint_every_steps, done)
+                or every(config.eval_every_steps, done)):
+          pending = (done, sums)
+          continue
+        check(done, sums)
+        if every(config.log_every_steps, done) or done == total_steps:
           _log(write, window, done, total_steps, time.time() - t0)
           window, t0 = {}, time.time()
-        if (config.checkpoint_every_steps
-            and done % config.checkpoint_every_steps == 0):
+        if every(config.checkpoint_every_steps, done):
           _save(manager, done, parallel.unreplicate(p_state))
           last_saved = done
-        if (config.eval_every_steps and done % config.eval_every_steps == 0
-            and done != total_steps):
+        if every(config.eval_every_steps, done) and done != total_steps:
           ev = evaluate(config, apply_fn,
                         parallel.unreplicate(p_state)["params"], test_x,
                         test_y, parallel=parallel, with_pgd=False)
           write({"step": done,
                  "eval/natural_accuracy": ev["natural_accuracy"]})
-        signum = stop.requested()
         if signum and done != total_steps:
           if last_saved != done:
             _save(manager, done, parallel.unreplicate(p_state))

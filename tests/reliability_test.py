@@ -253,10 +253,12 @@ def test_the_binary_reports_unreadable_checkpoints_in_one_line(tmp_path,
 # --- Numerical faults. --------------------------------------------------------
 
 
-def test_an_infinite_update_is_never_checkpointed(tmp_path):
+@pytest.mark.parametrize("checkpoint_every", [1, 2])
+def test_an_infinite_update_is_never_checkpointed(tmp_path, checkpoint_every):
   # A learning rate of 1e39 is inf in float32: the loss and gradient of step
-  # 1 are finite, the updated parameters are not.
-  config = _config(num_train_steps=3, checkpoint_every_steps=1)
+  # 1 are finite, the updated parameters are not. Step 1 saves, or it is
+  # checked while step 2 runs (from its non-finite parameters).
+  config = _config(num_train_steps=3, checkpoint_every_steps=checkpoint_every)
   config.optimizer.learning_rate = 1e39
   workdir = str(tmp_path / "wd")
   with pytest.raises(train.NonFiniteError,
@@ -266,15 +268,18 @@ def test_an_infinite_update_is_never_checkpointed(tmp_path):
   assert not _checkpoints(workdir)
 
 
+# Every step saves (and is checked before the next runs), or step 4 neither
+# logs nor saves (it is checked while step 5 runs).
+@pytest.mark.parametrize("checkpoint_every", [1, 3])
 def test_an_overflow_stops_training_and_keeps_the_last_good_checkpoint(
-    tmp_path):
+    tmp_path, checkpoint_every):
   rng = np.random.default_rng(0)
   images = rng.uniform(size=(16, 28, 28, 1)).astype(np.float32)
   labels = rng.integers(0, 10, 16)
   data = f"npz:{tmp_path}"
   for split in ("train", "test"):
     np.savez(tmp_path / f"{split}.npz", images=images, labels=labels)
-  config = _config(num_train_steps=3, checkpoint_every_steps=1,
+  config = _config(num_train_steps=3, checkpoint_every_steps=checkpoint_every,
                    max_checkpoints_to_keep=10)
   config.dataset.name = data
   config.objective.clip_max = 3.4e38     # declared: any float32 pixel
@@ -288,7 +293,8 @@ def test_an_overflow_stops_training_and_keeps_the_last_good_checkpoint(
                      match=r"Non-finite .* at step 4 .* the last good "
                      r"checkpoint is step 3 in "):
     train.train_and_evaluate(config, workdir)
-  assert _checkpoints(workdir) == [1, 2, 3]
+  assert _checkpoints(workdir) == list(range(checkpoint_every, 4,
+                                             checkpoint_every))
   _, params = train.latest_checkpoint(workdir)
   assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
 
