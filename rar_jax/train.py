@@ -29,6 +29,7 @@ Config fields (see `default_config` for defaults):
 """
 
 import collections
+import contextlib
 import functools
 import json
 import os
@@ -638,6 +639,15 @@ def _example_key_data(seed, step, batch_size, salt):
   return jax.random.key_data(jax.random.split(key, batch_size))
 
 
+@functools.lru_cache(maxsize=None)
+def _host_cpu():
+  """This process's first CPU device, or None if JAX has no CPU backend."""
+  try:
+    return jax.local_devices(backend="cpu")[0]
+  except RuntimeError:
+    return None
+
+
 def _example_keys(seed: int, step: int, batch_size: int, salt: int = 0):
   """`[B, 2]` uint32 key data, one key per example of a global batch.
 
@@ -645,9 +655,15 @@ def _example_keys(seed: int, step: int, batch_size: int, salt: int = 0):
   `jax.random.wrap_key_data` turns them back into keys on the device. One
   compiled program per (seed, batch size, salt), the step an argument: the
   same bits as the eager ops, 0.05 ms a step against 1.4 ms (the training
-  loop calls it every step).
+  loop calls it every step). It runs on the CPU: on an accelerator it would
+  queue behind the running training step, and fetching it would wait for
+  that step.
   """
-  return np.asarray(_example_key_data(seed, np.int32(step), batch_size, salt))
+  device = _host_cpu()
+  with (jax.default_device(device) if device is not None
+        else contextlib.nullcontext()):
+    return np.asarray(_example_key_data(seed, np.int32(step), batch_size,
+                                        salt))
 
 
 # --- Checkpoints, metrics files. ---------------------------------------------
@@ -1247,6 +1263,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                         test_y, parallel=parallel, with_pgd=False)
           write({"step": done,
                  "eval/natural_accuracy": ev["natural_accuracy"]})
+        # A signal that came during this step's logging, saving or evaluation.
+        signum = signum or stop.requested()
         if signum and done != total_steps:
           if last_saved != done:
             _save(manager, done, parallel.unreplicate(p_state))
