@@ -515,13 +515,11 @@ def accuracies(config, apply_fn, params, images, labels, *,
     return results
   parallel = parallel or _Parallel(config.parallel, _num_devices(config))
   attack = _pgd_attack_kwargs(config)
-  step_fn = parallel.cached(
+  step_fn = parallel.compile_cached(
       ("pgd_restarts_step", apply_fn, tuple(sorted(attack.items())),
        restarts),
-      lambda: parallel.compile(
-          functools.partial(pgd_restarts_step, apply_fn=apply_fn,
-                            attack=attack, num_restarts=restarts),
-          num_replicated=1))
+      functools.partial(pgd_restarts_step, apply_fn=apply_fn, attack=attack,
+                        num_restarts=restarts), num_replicated=1)
   p_params = parallel.replicate(params)
   n = config.eval.num_examples or len(images)
   count = min(n, config.eval.pgd_num_examples or n)
@@ -593,13 +591,12 @@ def attribution_robustness(config, apply_fn, surrogate_apply_fn, params,
   """
   parallel = parallel or _Parallel(config.parallel, _num_devices(config))
   settings = attack_settings(config)
-  step_fn = parallel.cached(
+  step_fn = parallel.compile_cached(
       ("attack_step", apply_fn, surrogate_apply_fn,
        tuple(sorted(settings.items()))),
-      lambda: parallel.compile(functools.partial(
-          attack_step, apply_fn=apply_fn,
-          surrogate_apply_fn=surrogate_apply_fn, settings=settings),
-                               num_replicated=1))
+      functools.partial(attack_step, apply_fn=apply_fn,
+                        surrogate_apply_fn=surrogate_apply_fn,
+                        settings=settings), num_replicated=1)
   p_params = parallel.replicate(params)
   n = min(config.attack.num_examples or len(images), len(images))
   bs = config.attack.batch_size

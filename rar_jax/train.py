@@ -29,7 +29,6 @@ Config fields (see `default_config` for defaults):
 """
 
 import collections
-import contextlib
 import functools
 import json
 import os
@@ -509,15 +508,14 @@ class _Parallel:
     self.n = len(self.local)
     self._compiled = {}
 
-  def cached(self, key, build):
-    """`build()`'s function (e.g. a `compile`d step), made once per `key`.
+  def compile_cached(self, key, fn, *, num_replicated: int):
+    """`compile(fn)`, once per `key`: everything `fn` closes over.
 
-    Callers key a step by everything it closes over (its functions and
-    settings), so the evaluations of a run, and later runs with the same
-    programs (`_programs`), reuse one traced and compiled program.
+    The evaluations of a run, and later runs with the same programs
+    (`_programs`), then reuse one traced and compiled program.
     """
     if key not in self._compiled:
-      self._compiled[key] = build()
+      self._compiled[key] = self.compile(fn, num_replicated=num_replicated)
     return self._compiled[key]
 
   def compile(self, fn, *, num_replicated: int, donate_state=False):
@@ -659,9 +657,7 @@ def _example_keys(seed: int, step: int, batch_size: int, salt: int = 0):
   queue behind the running training step, and fetching it would wait for
   that step.
   """
-  device = _host_cpu()
-  with (jax.default_device(device) if device is not None
-        else contextlib.nullcontext()):
+  with jax.default_device(_host_cpu()):   # None: JAX's default device
     return np.asarray(_example_key_data(seed, np.int32(step), batch_size,
                                         salt))
 
@@ -1017,13 +1013,12 @@ def evaluate(config, apply_fn, params, images, labels, *, parallel=None,
   for use_pgd in ((False, True) if with_pgd else (False,)):
     # One compiled step per (model, attack) and placement, reused by every
     # periodic evaluation.
-    step_fn = parallel.cached(
+    step_fn = parallel.compile_cached(
         ("eval_step", apply_fn,
          tuple(sorted(attack.items())) if use_pgd else None),
-        lambda use_pgd=use_pgd: parallel.compile(
-            functools.partial(eval_step, apply_fn=apply_fn,
-                              attack=attack if use_pgd else None),
-            num_replicated=1))
+        functools.partial(eval_step, apply_fn=apply_fn,
+                          attack=attack if use_pgd else None),
+        num_replicated=1)
     count = min(n, config.eval.pgd_num_examples or n) if use_pgd else n
     total = {}
     bs = config.eval.batch_size
@@ -1244,20 +1239,20 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           check(*pending)
           pending = None
         signum = stop.requested()
-        if not (signum or done == total_steps
-                or every(config.log_every_steps, done)
-                or every(config.checkpoint_every_steps, done)
-                or every(config.eval_every_steps, done)):
+        logs = done == total_steps or every(config.log_every_steps, done)
+        saves = every(config.checkpoint_every_steps, done)
+        evals = every(config.eval_every_steps, done) and done != total_steps
+        if not (signum or logs or saves or evals):
           pending = (done, sums)
           continue
         check(done, sums)
-        if every(config.log_every_steps, done) or done == total_steps:
+        if logs:
           _log(write, window, done, total_steps, time.time() - t0)
           window, t0 = {}, time.time()
-        if every(config.checkpoint_every_steps, done):
+        if saves:
           _save(manager, done, parallel.unreplicate(p_state))
           last_saved = done
-        if every(config.eval_every_steps, done) and done != total_steps:
+        if evals:
           ev = evaluate(config, apply_fn,
                         parallel.unreplicate(p_state)["params"], test_x,
                         test_y, parallel=parallel, with_pgd=False)

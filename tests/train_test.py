@@ -242,9 +242,6 @@ def test_learning_rate_schedule_is_piecewise_constant():
   assert train.learning_rate_schedule(quickstart.get_config().optimizer) == 2e-3
 
 
-# Bad configs, bad data and non-finite steps: tests/reliability_test.py.
-
-
 def test_example_keys_are_the_documented_pure_function_of_the_step():
   # A resumed run draws the same keys as the run it continues: per example,
   # split(fold_in(fold_in(key(seed), salt), step), B), whichever program
@@ -258,3 +255,6 @@ def test_example_keys_are_the_documented_pure_function_of_the_step():
     np.testing.assert_array_equal(got, expected)
   assert not np.array_equal(train._example_keys(0, 1, 4),  # pylint: disable=protected-access
                             train._example_keys(0, 2, 4))  # pylint: disable=protected-access
+
+
+# Bad configs, bad data and non-finite steps: tests/reliability_test.py.
