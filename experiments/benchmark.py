@@ -22,6 +22,10 @@ sample, or --data_npz). Workloads (--workloads, default all):
   attack       the top-k attribution attack (k_top 200, eval_k 100): 100
                steps x 3 restarts, 100 IG points, seconds per example; with
                --attack_single also one example at a time, and the speed-up.
+  loop         `rar_jax.train.train_and_evaluate` itself, --loop_steps steps
+               of --loop_objective (default NATURAL) at --train_batch on one
+               device, against its step alone: the trainer's per-step cost
+               (data, keys, placement, checks) beyond the compiled step.
 
 Sweeps (--sweeps): `batch` (ig and a train step of --sweep_objective over
 --sweep_batch_sizes), `ig_steps` (ig over --sweep_ig_steps without and with
@@ -63,6 +67,7 @@ import platform
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any, Optional, Sequence
 
@@ -90,7 +95,7 @@ from rar_jax.attacks import pgd  # pylint: disable=g-import-not-at-top,wrong-imp
 from rar_jax.attribution import auto_chunk_size
 from rar_jax.attribution import integrated_gradients  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-WORKLOADS = ("matmul_peak", "ig", "pgd", "train", "attack")
+WORKLOADS = ("matmul_peak", "ig", "pgd", "train", "attack", "loop")
 SWEEPS = ("batch", "ig_steps", "devices")
 TRAIN_OBJECTIVES = ("natural", "madry", "trades", "ig_norm", "ig_sum_norm")
 NUM_CLASSES = 10
@@ -127,6 +132,9 @@ class Settings:
   attack_ig_steps: int = 100
   attack_single: bool = False
   attack_chunk_size: Optional[int] = None
+  loop_objective: str = "natural"
+  loop_steps: int = 300
+  loop_log_every: int = 50
   sweeps: Sequence[str] = ()
   sweep_batch_sizes: Sequence[int] = (1, 8, 32, 64, 128)
   sweep_ig_steps: Sequence[int] = (10, 25, 50, 100, 200)
@@ -176,6 +184,7 @@ def check_settings(s: Settings) -> None:
   _check_names("objectives", s.objectives, TRAIN_OBJECTIVES,
                allow_empty="train" not in s.workloads)
   _check_names("sweep_objective", [s.sweep_objective], TRAIN_OBJECTIVES)
+  _check_names("loop_objective", [s.loop_objective], TRAIN_OBJECTIVES)
   _check_names("model", [s.model], models.MODEL_NAMES)
   _check_names("parallel", [s.parallel], train.PARALLEL)
   _check_int("repeats", s.repeats, 1)
@@ -186,8 +195,16 @@ def check_settings(s: Settings) -> None:
     _check_int(name, getattr(s, name), 1, allow_none=True)
   for name in ("ig_batch", "pgd_batch", "train_batch",
                "train_ig_steps", "train_approx_factor", "train_pgd_steps",
-               "attack_steps", "attack_restarts", "attack_ig_steps"):
+               "attack_steps", "attack_restarts", "attack_ig_steps",
+               "loop_steps", "loop_log_every"):
     _check_int(name, getattr(s, name), 1)
+  # The first logging window holds the trainer's compile: one more at least.
+  if (s.loop_steps < 2 * s.loop_log_every
+      or s.loop_steps % s.loop_log_every):
+    raise ValueError(
+        f"--loop_steps={s.loop_steps} is not accepted with --loop_log_every="
+        f"{s.loop_log_every}; accepted: a multiple of it, at least twice it "
+        "(the first window, which compiles, is not timed).")
   for name in ("ig_steps", "pgd_steps", "sweep_batch_sizes",
                "sweep_ig_steps"):
     values = list(getattr(s, name))
@@ -717,9 +734,8 @@ class _Workloads:
         **self.pgd_kwargs)
     return self._analytic(record, batch * steps)
 
-  def train_step(self, objective, per_device_batch, num_devices, *, name,
-                 **extra):
-    """One `rar_jax.train.train_step` on `num_devices` devices."""
+  def _train_program(self, objective, per_device_batch, num_devices):
+    """`(step_fn, args, hyper)`: a train step and its first arguments."""
     config = _objective_config(objective, self.s)
     hyper = train.objective_hyper(config)
     tx = train.create_optimizer(config.optimizer)
@@ -737,6 +753,14 @@ class _Workloads:
     args = (parallel.replicate(jax.device_get(state)),
             *parallel.shard([np.asarray(x), np.asarray(y),
                              np.asarray(keys)]))
+    return step_fn, args, hyper
+
+  def train_step(self, objective, per_device_batch, num_devices, *, name,
+                 **extra):
+    """One `rar_jax.train.train_step` on `num_devices` devices."""
+    step_fn, args, hyper = self._train_program(objective, per_device_batch,
+                                               num_devices)
+    batch = per_device_batch * num_devices
     record = benchmark_fn(
         name, step_fn, args, settings=self.s, peak=self.peak,
         cache=self.cache,
@@ -746,6 +770,85 @@ class _Workloads:
         parallel=self.s.parallel,
         hyper={k: v for k, v in hyper.items() if v is not None}, **extra)
     record["steps_per_s"] = 1.0 / record["median_s"]
+    return record
+
+  def loop(self, objective, batch):
+    """`rar_jax.train.train_and_evaluate`'s seconds per step, and its step's.
+
+    The trainer runs `loop_steps` steps on one device, logging every
+    `loop_log_every`: each logging window but the first (which compiles) is
+    one timing (`times_s`, seconds per step). Its final evaluation is kept
+    small (`batch` examples, 1 PGD step) and is not timed. The step alone is
+    the train workload's program (the same `rar_jax.train.train_step`, not
+    donating its state) called `loop_log_every` times back to back, each
+    call's state fed to the next, blocking once at the end (`repeats` times,
+    half before the trainer and half after it): the device's throughput
+    without the trainer's host work. `loop_efficiency` is alone / loop
+    seconds per step.
+    """
+    s = self.s
+    step_fn, args, hyper = self._train_program(objective, batch, 1)
+    entry, reused = _compile(step_fn, args, cache=self.cache,
+                             cache_key=("train", objective, batch, 1))
+    compiled, state, rest = entry["compiled"], args[0], args[1:]
+
+    def steps_alone():
+      st = state
+      for _ in range(s.loop_log_every):
+        st, sums = compiled(st, *rest)
+      return st, sums
+
+    # Half of the repeats before the trainer and half after it, so that a
+    # shared machine's drift affects both sides alike.
+    alone = _run_timed(steps_alone, s.warmup, (s.repeats + 1) // 2)
+
+    config = _objective_config(objective, s)
+    config.seed = s.rng_seed
+    config.model.name = s.model
+    config.model.activation = None
+    if s.data_npz is None:
+      config.dataset.name = "embedded_mnist"
+      config.dataset.pixel_max = None
+    else:
+      config.dataset.name, config.dataset.pixel_max = "npz:" + s.data_npz, 1.0
+    config.dataset.data_dir = None
+    config.dataset.train_split, config.dataset.test_split = "train", "test"
+    config.dataset.num_classes = NUM_CLASSES
+    config.parallel, config.num_devices = s.parallel, 1
+    config.batch_size, config.num_train_steps = batch, s.loop_steps
+    config.log_every_steps = s.loop_log_every
+    config.checkpoint_every_steps = config.eval_every_steps = 0
+    config.eval.batch_size = config.eval.num_examples = batch
+    config.eval.pgd_num_examples, config.eval.pgd_num_steps = batch, 1
+    with tempfile.TemporaryDirectory() as workdir:
+      t0 = time.perf_counter()
+      final = train.train_and_evaluate(config, workdir)
+      wall = time.perf_counter() - t0
+      with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rates = [r["steps_per_sec"] for r in map(json.loads, f)
+                 if "steps_per_sec" in r]
+    alone = [t / s.loop_log_every for t in alone + _run_timed(
+        steps_alone, 0, s.repeats // 2)]
+    record = dict(name=f"loop {objective} B={batch}", workload="loop",
+                  objective=objective, batch=batch, parallel=s.parallel,
+                  loop_steps=s.loop_steps, loop_log_every=s.loop_log_every,
+                  steps_run=final["step"], compiled_earlier=reused,
+                  hyper={k: v for k, v in hyper.items() if v is not None})
+    record.update(_summary([1.0 / r for r in rates[1:]],
+                           lower_s=entry["lower_s"],
+                           compile_s=entry["compile_s"]))
+    record["first_window_s"] = s.loop_log_every / rates[0]
+    record["trainer_wall_s"] = wall
+    record.update(entry["analysis"])
+    _add_rates(record, peak=self.peak, num_examples=batch)
+    record["steps_per_s"] = 1.0 / record["median_s"]
+    record["step_alone_times_s"] = alone
+    record["step_alone_s"] = statistics.median(alone)
+    record["loop_efficiency"] = record["step_alone_s"] / record["median_s"]
+    record["loop_overhead_ms_per_step"] = 1e3 * (
+        record["median_s"] - record["step_alone_s"])
+    logging.info("%s: %.4g s/step in the loop, %.4g alone", record["name"],
+                 record["median_s"], record["step_alone_s"])
     return record
 
   def _attack_fn(self, batch):
@@ -916,6 +1019,8 @@ def run(settings: Settings) -> dict[str, Any]:
           f"B={s.train_batch}", **top))
   if "attack" in s.workloads:
     records.extend(dict(r, **top) for r in w.attack(s.attack_batch))
+  if "loop" in s.workloads:
+    records.append(dict(w.loop(s.loop_objective, s.train_batch), **top))
 
   if "batch" in s.sweeps:
     for batch in s.sweep_batch_sizes:
@@ -993,6 +1098,9 @@ def format_table(result: dict[str, Any]) -> str:
     if "scaling_efficiency" in r:
       notes.append(f"{r['steps_per_s']:.3g} steps/s, efficiency "
                    f"{r['scaling_efficiency']:.2f}")
+    if "loop_efficiency" in r:
+      notes.append(f"{r['steps_per_s']:.3g} steps/s; the step alone "
+                   f"{1 / r['step_alone_s']:.3g} ({r['loop_efficiency']:.2f})")
     if "speedup_batched_vs_one_at_a_time" in r:
       notes.append(f"batched is {r['speedup_batched_vs_one_at_a_time']:.2f}x "
                    "faster per example")
@@ -1100,6 +1208,16 @@ _EIGEN_CONVS = flags.DEFINE_bool(
 _ATTACK_SINGLE = flags.DEFINE_bool(
     "attack_single", False, "Also run the attack one example at a time and "
     "report the batched speed-up per example.")
+_LOOP_OBJECTIVE = flags.DEFINE_string(
+    "loop_objective", _DEFAULTS.loop_objective,
+    f"Objective of the loop workload: {', '.join(TRAIN_OBJECTIVES)}.")
+_LOOP_STEPS = flags.DEFINE_integer(
+    "loop_steps", _DEFAULTS.loop_steps, "Steps the loop workload trains (a "
+    "multiple of --loop_log_every, at least twice it).")
+_LOOP_LOG_EVERY = flags.DEFINE_integer(
+    "loop_log_every", _DEFAULTS.loop_log_every, "Steps per timed window of "
+    "the loop workload (the trainer's log_every_steps; the first window, "
+    "which compiles, is not timed).")
 _SWEEPS = flags.DEFINE_list(
     "sweeps", [], f"Sweeps to run: {', '.join(SWEEPS)} (default: none).")
 _SWEEP_BATCH_SIZES = flags.DEFINE_list(
@@ -1160,7 +1278,9 @@ def settings_from_flags() -> Settings:
       attack_steps=_ATTACK_STEPS.value, attack_restarts=_ATTACK_RESTARTS.value,
       attack_ig_steps=_ATTACK_IG_STEPS.value,
       attack_single=_ATTACK_SINGLE.value,
-      attack_chunk_size=_ATTACK_CHUNK_SIZE.value, sweeps=tuple(_SWEEPS.value),
+      attack_chunk_size=_ATTACK_CHUNK_SIZE.value,
+      loop_objective=_LOOP_OBJECTIVE.value, loop_steps=_LOOP_STEPS.value,
+      loop_log_every=_LOOP_LOG_EVERY.value, sweeps=tuple(_SWEEPS.value),
       sweep_batch_sizes=_int_list("sweep_batch_sizes",
                                   _SWEEP_BATCH_SIZES.value),
       sweep_ig_steps=_int_list("sweep_ig_steps", _SWEEP_IG_STEPS.value),

@@ -486,6 +486,11 @@ def eval_step(params, inputs, labels, mask, keys, *, apply_fn, attack=None):
 # --- Running a per-device function on all devices. ---------------------------
 
 
+# Evaluation and attack steps one `_Parallel` keeps compiled (least recently
+# used first out).
+MAX_CACHED_STEPS = 8
+
+
 class _Parallel:
   """Places data for, and runs, per-device functions under pmap or shard_map.
 
@@ -506,16 +511,22 @@ class _Parallel:
     self.mesh = Mesh(np.array(devices), (AXIS,))
     self.local_mesh = Mesh(np.array(self.local), (AXIS,))
     self.n = len(self.local)
-    self._compiled = {}
+    self._compiled = collections.OrderedDict()
 
   def compile_cached(self, key, fn, *, num_replicated: int):
     """`compile(fn)`, once per `key`: everything `fn` closes over.
 
     The evaluations of a run, and later runs with the same programs
-    (`_programs`), then reuse one traced and compiled program.
+    (`_programs`), then reuse one traced and compiled program. The last
+    `MAX_CACHED_STEPS` keys used are kept (a notebook sweeping attack
+    settings would otherwise keep every compiled attack alive).
     """
-    if key not in self._compiled:
+    if key in self._compiled:
+      self._compiled.move_to_end(key)
+    else:
       self._compiled[key] = self.compile(fn, num_replicated=num_replicated)
+      while len(self._compiled) > MAX_CACHED_STEPS:
+        self._compiled.popitem(last=False)
     return self._compiled[key]
 
   def compile(self, fn, *, num_replicated: int, donate_state=False):

@@ -31,8 +31,8 @@ _TINY = dict(
     train_batch="2", train_ig_steps="4", train_approx_factor="2",
     train_pgd_steps="2", objectives="natural,madry", attack_batch="1",
     attack_steps="2", attack_restarts="2", attack_ig_steps="4",
-    sweeps="batch,ig_steps,devices", sweep_batch_sizes="1,2",
-    sweep_ig_steps="2,8", sweep_objective="natural")
+    loop_steps="4", loop_log_every="2", sweeps="batch,ig_steps,devices",
+    sweep_batch_sizes="1,2", sweep_ig_steps="2,8", sweep_objective="natural")
 
 
 def _run_main(*extra):
@@ -81,7 +81,8 @@ def test_every_workload_and_sweep_point_has_a_complete_record(tiny_run):
         (r["workload"], r["sweep"]), 0) + 1
   assert counts == {
       ("matmul_peak", None): 1, ("ig", None): 1, ("pgd", None): 2,
-      ("train", None): 2, ("attack", None): 2, ("ig", "batch"): 2,
+      ("train", None): 2, ("attack", None): 2, ("loop", None): 1,
+      ("ig", "batch"): 2,
       ("train", "batch"): 2, ("ig", "ig_steps"): 4, ("train", "devices"): 3}
   for r in result["records"]:
     name = r["name"]
@@ -114,13 +115,33 @@ def test_every_workload_and_sweep_point_has_a_complete_record(tiny_run):
       assert r["flops"] >= r["flops_matmul_jaxpr"], name
     if r["workload"] == "attack":
       assert _positive(r["seconds_per_example"])
-    if r["workload"] == "train":
+    if r["workload"] in ("train", "loop"):
       assert _positive(r["steps_per_s"])
       assert r["hyper"]["num_steps"] == 2 and r["hyper"]["m"] == 4
   single, = _records(result, workload="attack", one_at_a_time=True)
   assert _positive(single["speedup_batched_vs_one_at_a_time"])
   # --attack_batch=1: one at a time is the batched program, not recompiled.
   assert single["compiled_earlier"]
+
+
+def test_loop_times_the_trainer_against_its_step_alone(tiny_run):
+  result, _ = tiny_run
+  loop, = _records(result, workload="loop")
+  # 4 steps logged every 2: the first window (it compiles) is not timed.
+  assert loop["steps_run"] == 4 and loop["objective"] == "natural"
+  assert loop["repeats"] == len(loop["times_s"]) == 1
+  assert _positive(loop["first_window_s"]) and _positive(loop["trainer_wall_s"])
+  assert len(loop["step_alone_times_s"]) == 1
+  assert _positive(loop["step_alone_s"]) and _positive(loop["loop_efficiency"])
+  assert loop["loop_efficiency"] == pytest.approx(
+      loop["step_alone_s"] / loop["median_s"])
+  assert loop["loop_overhead_ms_per_step"] == pytest.approx(
+      1e3 * (loop["median_s"] - loop["step_alone_s"]))
+  # The step alone is the train workload's program, compiled once.
+  natural, = _records(result, workload="train", objective="natural",
+                      sweep=None)
+  assert loop["compiled_earlier"] and loop["flops"] == natural["flops"]
+  assert loop["examples_per_s"] == pytest.approx(2 / loop["median_s"])
 
 
 def test_json_file_matches_the_flags_and_the_printed_table(tiny_run):
@@ -247,7 +268,7 @@ def test_xla_counts_a_loop_body_once_and_count_flops_corrects_it():
 @pytest.mark.parametrize("changes, message", [
     (dict(workloads=("ig", "fgsm")),
      r"--workloads=ig,fgsm has unknown name\(s\) \['fgsm'\]; accepted: "
-     "matmul_peak, ig, pgd, train, attack"),
+     "matmul_peak, ig, pgd, train, attack, loop"),
     (dict(sweeps=("steps",)), r"--sweeps=steps has unknown name"),
     (dict(objectives=("ig",)), r"--objectives=ig has unknown name"),
     (dict(model="resnet"), r"--model=resnet has unknown name"),
@@ -260,6 +281,12 @@ def test_xla_counts_a_loop_body_once_and_count_flops_corrects_it():
     (dict(train_ig_steps=4, train_approx_factor=3),
      r"--train_approx_factor=3 does not divide --train_ig_steps=4; "
      r"accepted: a divisor of it \(\[1, 2, 4\]\)"),
+    (dict(loop_objective="ig"), r"--loop_objective=ig has unknown name"),
+    (dict(loop_steps=150, loop_log_every=100),
+     r"--loop_steps=150 is not accepted with --loop_log_every=100; accepted: "
+     "a multiple of it, at least twice it"),
+    (dict(loop_steps=50), r"--loop_steps=50 is not accepted with "
+     "--loop_log_every=50"),
     (dict(data_npz="/nonexistent/mnist.npz"),
      r"--data_npz='/nonexistent/mnist.npz' is not a file"),
 ])

@@ -257,4 +257,21 @@ def test_example_keys_are_the_documented_pure_function_of_the_step():
                             train._example_keys(0, 2, 4))  # pylint: disable=protected-access
 
 
+def test_compiled_steps_of_a_placement_are_kept_least_recently_used_first_out():
+  parallel = train._Parallel("pmap", 1)  # pylint: disable=protected-access
+  get = lambda key: parallel.compile_cached(key, lambda x: x + key,
+                                            num_replicated=1)
+  first = get(0)
+  for key in range(1, train.MAX_CACHED_STEPS):
+    get(key)
+  assert get(0) is first   # a hit; 0 is now the most recently used
+  get(train.MAX_CACHED_STEPS)   # one more: 1, the least recently used, goes
+  assert len(parallel._compiled) == train.MAX_CACHED_STEPS  # pylint: disable=protected-access
+  assert get(0) is first
+  assert 1 not in parallel._compiled  # pylint: disable=protected-access
+  # An evicted step is built again, and still computes what it did.
+  np.testing.assert_array_equal(get(1)(np.zeros((1, 2), np.float32)),
+                                np.ones((1, 2)))
+
+
 # Bad configs, bad data and non-finite steps: tests/reliability_test.py.
