@@ -634,10 +634,15 @@ def load_images(settings: Settings) -> tuple[np.ndarray, np.ndarray]:
   Returns:
     `(images float32 [N, 28, 28, 1] in [0, 1], labels int32 [N])`.
   """
+  name, pixel_max = _data_source(settings)
+  return data_lib.load_dataset(name, "train", pixel_max=pixel_max)
+
+
+def _data_source(settings: Settings) -> tuple[str, Optional[float]]:
+  """The `rar_jax.data` name and `pixel_max` of the benchmark's digits."""
   if settings.data_npz is None:
-    return data_lib.load_dataset("embedded_mnist", "train")
-  return data_lib.load_dataset("npz:" + settings.data_npz, "train",
-                               pixel_max=1.0)
+    return "embedded_mnist", None   # the source's default: [0, 1]
+  return "npz:" + settings.data_npz, 1.0
 
 
 def _batch(images, labels, size):
@@ -806,11 +811,7 @@ class _Workloads:
     config.seed = s.rng_seed
     config.model.name = s.model
     config.model.activation = None
-    if s.data_npz is None:
-      config.dataset.name = "embedded_mnist"
-      config.dataset.pixel_max = None
-    else:
-      config.dataset.name, config.dataset.pixel_max = "npz:" + s.data_npz, 1.0
+    config.dataset.name, config.dataset.pixel_max = _data_source(s)
     config.dataset.data_dir = None
     config.dataset.train_split, config.dataset.test_split = "train", "test"
     config.dataset.num_classes = NUM_CLASSES

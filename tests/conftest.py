@@ -34,12 +34,12 @@ runtime.prefer_eigen_convolutions()
 
 
 # Files whose tests take longest (compiling, training binaries, the notebook),
-# longest first: handed out first, so that the two worker processes (`-n 2
-# --dist loadfile` in setup.cfg) finish together rather than one waiting on a
-# long file at the end. `--no-loadscope-reorder` (setup.cfg) makes xdist hand
-# out files in this order; by default it orders them by their number of tests
-# (the 2-test notebook, 130 s, would come last). Seconds in the suite on 2
-# cores, 2026-12-02: 134, 144, 142, 129, 117, 86, 83, 71, 71.
+# handed out first, the notebook (one 130 s test) ahead of all, so that the
+# two worker processes (`-n 2 --dist loadfile` in setup.cfg) finish together
+# rather than one waiting on a long file at the end. `--no-loadscope-reorder`
+# (setup.cfg) makes xdist hand out files in this order; by default it orders
+# them by their number of tests, and the 2-test notebook came last. Seconds
+# in the suite on 2 cores, 2026-12-02: 134, 144, 142, 129, 117, 86, 83, 71, 71.
 _LONGEST_FIRST = ("notebook_test.py", "train_test.py",
                   "attribution_attack_test.py", "reliability_test.py",
                   "models_test.py", "objectives_test.py", "benchmark_test.py",
