@@ -1,4 +1,4 @@
-r"""PyTorch + Captum anchor for the benchmark's IG and PGD rows.
+r"""Times PyTorch + Captum on the benchmark's IG and PGD rows, as an anchor.
 
 The issue that set rar_jax's performance targets compared it with PyTorch +
 Captum on the same CPU. This binary measures those two rows again, on the
@@ -21,10 +21,12 @@ It is not part of rar_jax and needs what rar_jax does not install:
 The model is the paper's MNIST CNN (conv 5x5x32, max-pool, conv 5x5x64,
 max-pool, fc 1024, fc 10; ReLU) in PyTorch's NCHW layout, initialised as
 rar_jax's `MnistCNN` (truncated normal 0.1, biases 0.1). Timings are medians
-of `--repeats` runs after `--warmup` runs, with torch's default threads.
+of `--repeats` runs after `--warmup` runs, with torch's default threads (the
+output and the JSON record how many).
 """
 
 import json
+import os
 import statistics
 import time
 
@@ -41,7 +43,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per workload.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed runs first.")
 _IG_BATCH = flags.DEFINE_integer("ig_batch", 64, "Images per IG call.")
 _IG_STEPS = flags.DEFINE_integer("ig_steps", 100, "IG points.")
-_IG_INTERNAL = flags.DEFINE_list(
+_IG_INTERNAL_BATCH_SIZES = flags.DEFINE_list(
     "ig_internal_batch_sizes", ["0", "64"],
     "Captum's internal_batch_size values to time (0: all points at once).")
 _PGD_BATCH = flags.DEFINE_integer("pgd_batch", 50, "Images per PGD call.")
@@ -95,8 +97,15 @@ def _digits(n):
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  bad = [v for v in _IG_INTERNAL_BATCH_SIZES.value
+         if not v.isdigit()]
+  if bad:
+    raise app.UsageError(f"--ig_internal_batch_sizes: {', '.join(bad)} not "
+                         "accepted; integers >= 0 (0: all points at once).")
   # Imported here so that `--help` works without Captum.
+  import captum  # pylint: disable=g-import-not-at-top
   from captum.attr import IntegratedGradients  # pylint: disable=g-import-not-at-top
   from captum.robust import PGD  # pylint: disable=g-import-not-at-top
 
@@ -114,7 +123,7 @@ def main(argv):
 
   x, y = _digits(_IG_BATCH.value)
   ig = IntegratedGradients(model)
-  for size in _IG_INTERNAL.value:
+  for size in _IG_INTERNAL_BATCH_SIZES.value:
     internal = int(size) or None
     rec = _time(lambda: ig.attribute(  # pylint: disable=cell-var-from-loop
         x, baselines=0.0, target=y, n_steps=_IG_STEPS.value,
@@ -143,7 +152,9 @@ def main(argv):
           + (f"  {rate:.2f} ex/s" if rate else ""))
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:
-      json.dump(dict(torch=torch.__version__, records=records), f, indent=1)
+      json.dump(dict(torch=torch.__version__, captum=captum.__version__,
+                     torch_threads=torch.get_num_threads(),
+                     cpu_count=os.cpu_count(), records=records), f, indent=1)
 
 
 if __name__ == "__main__":

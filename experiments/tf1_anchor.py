@@ -4,9 +4,11 @@ The issue that set rar_jax's performance targets quoted the original code
 (github.com/jfc43/robust-attribution-regularization) on the same CPU: IG
 attributions/s, a Madry and an IG-NORM training step and the top-k attack.
 This binary times those rows again on the machine at hand, to compare with
-`python -m experiments.benchmark` run side by side. It runs the original
-modules unchanged, from a checkout of that repository, under TensorFlow 2's
-`tf.compat.v1` (graph mode, `tf.Session`): none of their code is in rar_jax.
+`python -m experiments.benchmark` run side by side. It imports the
+`model.py`, `pgd_attack.py` and `ig_attack.py` it finds in `--original_dir`
+(a checkout of that repository, or copies cut down to the branches these
+settings take) under TensorFlow 2's `tf.compat.v1` (graph mode,
+`tf.Session`): none of their code is in rar_jax.
 
     pip install tensorflow-cpu scipy absl-py numpy
     git clone https://github.com/jfc43/robust-attribution-regularization
@@ -30,7 +32,10 @@ modules unchanged, from a checkout of that repository, under TensorFlow 2's
   eval_k_top=100, num_steps=100, attack_iters=--attack_steps,
   attack_times=--attack_times, alpha=0.01, attack_measure="kendall")`
   built and run per example (`eval_attribution_attack.py`), seconds per
-  example over `--attack_examples` examples.
+  example over `--attack_examples` examples. As in the original, building
+  the attack's ops is timed with it (also reported apart), and a step whose
+  perturbation changes the label skips that step's saliency map: the record
+  counts those steps (`label_changed_steps` of `steps`).
 
 The weights are the original's initialisation (random); the attack explains
 the network's own predictions (the original skips misclassified images).
@@ -52,14 +57,17 @@ _ORIGINAL_DIR = flags.DEFINE_string(
 _DATA_NPZ = flags.DEFINE_string(
     "data_npz", None, "npz with uint8 `images` [N, 28, 28] and `labels`; "
     "None: random uint8 digits-shaped data (timing only).")
+WORKLOADS = ("ig", "madry", "ig_norm", "attack")
 _WORKLOADS = flags.DEFINE_list("workloads", ["ig", "madry", "ig_norm"],
-                               "Of ig, madry, ig_norm, attack.")
+                               f"Of {', '.join(WORKLOADS)}.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per workload.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed runs first.")
 _IG_IMAGES = flags.DEFINE_integer("ig_images", 16,
                                   "Images per timed IG run.")
 _ATTACK_STEPS = flags.DEFINE_integer("attack_steps", 100, "Attack steps.")
-_ATTACK_TIMES = flags.DEFINE_integer("attack_times", 3, "Attack repeats.")
+_ATTACK_TIMES = flags.DEFINE_integer(
+    "attack_times", 3, "Attack repeats (the original's name for what "
+    "benchmark.py calls --attack_restarts; here all start at the image).")
 _ATTACK_EXAMPLES = flags.DEFINE_integer("attack_examples", 1,
                                         "Examples per timed attack run.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write records here.")
@@ -90,8 +98,35 @@ def _digits(n):
           labels[idx].astype(np.int64))
 
 
+def _counting(module, counts):
+  """Counts `module`'s steps and those that skip the saliency map.
+
+  `check_measure` evaluates the saliency map (`NET.saliency_flatten`) only
+  when the label did not change; both are counted as they run, without
+  extra session calls.
+  """
+  check_measure, run_model = module.check_measure, module.run_model
+
+  def counted_check(*args, **kwargs):
+    counts["steps"] += 1
+    counts["label_changed_steps"] += 1   # undone if the map is evaluated
+    return check_measure(*args, **kwargs)
+
+  def counted_run(sess, operation, feed, net):
+    if operation is net.saliency_flatten:
+      counts["label_changed_steps"] -= 1
+    return run_model(sess, operation, feed, net)
+
+  module.check_measure, module.run_model = counted_check, counted_run
+
+
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  unknown = sorted(set(_WORKLOADS.value) - set(WORKLOADS))
+  if unknown:
+    raise app.UsageError(f"--workloads: unknown {', '.join(unknown)}; "
+                         f"accepted: {', '.join(WORKLOADS)}.")
   # The original modules `import tensorflow as tf` and use the TF1 API.
   import tensorflow.compat.v1 as tf  # pylint: disable=g-import-not-at-top
   tf.disable_v2_behavior()
@@ -169,8 +204,12 @@ def main(argv):
       x, _ = _digits(_ATTACK_EXAMPLES.value)
       labels = sess.run(model.y_pred, feed_dict={model.input: x})
 
+      counts = dict(steps=0, label_changed_steps=0)
+      build_s = []
+
       def attack_all():
         for image, label in zip(x, labels):
+          start = time.perf_counter()
           module = IntegratedGradientsAttack(
               sess=sess, test_image=image, original_label=label, NET=model,
               attack_method="topK", epsilon=0.3, k_top=200, eval_k_top=100,
@@ -178,10 +217,14 @@ def main(argv):
               attack_times=_ATTACK_TIMES.value, alpha=0.01,
               attack_measure="kendall",
               reference_image=np.zeros((28, 28, 1)), same_label=True)
+          build_s.append(time.perf_counter() - start)
           assert module.status == 1, "the attack skipped an example"
+          _counting(module, counts)
           module.iterative_attack()
       rec = _time(attack_all, warmup, repeats)
       rec["seconds_per_example"] = rec["median_s"] / len(labels)
+      rec["build_s_per_example"] = statistics.median(build_s)
+      rec.update(counts)
       record(f"tf1 attack steps={_ATTACK_STEPS.value} "
              f"times={_ATTACK_TIMES.value} ({len(labels)} examples)", rec,
              len(labels))
