@@ -25,16 +25,17 @@ of `--repeats` runs after `--warmup` runs, with torch's default threads (the
 output and the JSON record how many).
 """
 
+import functools
 import json
 import os
-import statistics
-import time
 
 from absl import app
 from absl import flags
 import numpy as np
 import torch
 from torch import nn
+
+from experiments import anchor_utils
 
 _DATA_NPZ = flags.DEFINE_string(
     "data_npz", None, "npz with uint8 `images` [N, 28, 28] and `labels`; "
@@ -71,29 +72,11 @@ class MnistCNN(nn.Module):
     return self.fc2(x)
 
 
-def _time(fn, warmup, repeats):
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return dict(median_s=statistics.median(times), min_s=min(times),
-              max_s=max(times), times_s=times)
-
-
-def _digits(n):
-  if _DATA_NPZ.value is None:
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, n)
-  else:
-    with np.load(_DATA_NPZ.value) as data:
-      images, labels = data["images"], data["labels"]
-  idx = np.arange(n) % len(labels)
-  x = torch.from_numpy(images[idx].astype(np.float32) / 255.0)[:, None]
-  return x, torch.from_numpy(labels[idx].astype(np.int64))
+def _torch_digits(n):
+  """`anchor_utils.load_digits` as NCHW torch tensors."""
+  x, y = anchor_utils.load_digits(_DATA_NPZ.value, n)
+  return (torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+          torch.from_numpy(y))
 
 
 def main(argv):
@@ -105,9 +88,11 @@ def main(argv):
     raise app.UsageError(f"--ig_internal_batch_sizes: {', '.join(bad)} not "
                          "accepted; integers >= 0 (0: all points at once).")
   # Imported here so that `--help` works without Captum.
-  import captum  # pylint: disable=g-import-not-at-top
-  from captum.attr import IntegratedGradients  # pylint: disable=g-import-not-at-top
-  from captum.robust import PGD  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import captum
+  from captum.attr import IntegratedGradients
+  from captum.robust import PGD
+  # pylint: enable=g-import-not-at-top
 
   torch.manual_seed(0)
   model = MnistCNN().eval()
@@ -117,26 +102,26 @@ def main(argv):
   records = []
 
   a = torch.randn(2048, 2048)
-  peak = _time(lambda: torch.mm(a, a), 2, 10)
+  peak = anchor_utils.time_runs(lambda: torch.mm(a, a), 2, 10)
   peak["flops_per_s"] = 2 * 2048 ** 3 / peak["median_s"]
   records.append(dict(name="matmul_peak n=2048", **peak))
 
-  x, y = _digits(_IG_BATCH.value)
+  x, y = _torch_digits(_IG_BATCH.value)
   ig = IntegratedGradients(model)
   for size in _IG_INTERNAL_BATCH_SIZES.value:
-    internal = int(size) or None
-    rec = _time(lambda: ig.attribute(  # pylint: disable=cell-var-from-loop
-        x, baselines=0.0, target=y, n_steps=_IG_STEPS.value,
-        method="riemann_right", internal_batch_size=internal),
-                warmup, repeats)
+    attribute = functools.partial(
+        ig.attribute, x, baselines=0.0, target=y, n_steps=_IG_STEPS.value,
+        method="riemann_right", internal_batch_size=int(size) or None)
+    rec = anchor_utils.time_runs(attribute, warmup, repeats)
+    internal = attribute.keywords["internal_batch_size"]
     rec["examples_per_s"] = _IG_BATCH.value / rec["median_s"]
     records.append(dict(name=f"captum ig B={_IG_BATCH.value} "
                         f"m={_IG_STEPS.value} internal={internal}", **rec))
 
-  x, y = _digits(_PGD_BATCH.value)
+  x, y = _torch_digits(_PGD_BATCH.value)
   pgd = PGD(model, nn.CrossEntropyLoss(reduction="none"),
             lower_bound=0.0, upper_bound=1.0)
-  rec = _time(lambda: pgd.perturb(
+  rec = anchor_utils.time_runs(lambda: pgd.perturb(
       x, radius=0.3, step_size=0.01, step_num=_PGD_STEPS.value, target=y,
       norm="Linf", random_start=True), warmup, repeats)
   rec["examples_per_s"] = _PGD_BATCH.value / rec["median_s"]

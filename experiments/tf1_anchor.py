@@ -51,6 +51,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from experiments import anchor_utils
+
 _ORIGINAL_DIR = flags.DEFINE_string(
     "original_dir", None, "The original repository's MNIST folder.",
     required=True)
@@ -71,31 +73,6 @@ _ATTACK_TIMES = flags.DEFINE_integer(
 _ATTACK_EXAMPLES = flags.DEFINE_integer("attack_examples", 1,
                                         "Examples per timed attack run.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write records here.")
-
-
-def _time(fn, warmup, repeats):
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return dict(median_s=statistics.median(times), min_s=min(times),
-              max_s=max(times), times_s=times)
-
-
-def _digits(n):
-  if _DATA_NPZ.value is None:
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, n)
-  else:
-    with np.load(_DATA_NPZ.value) as data:
-      images, labels = data["images"], data["labels"]
-  idx = np.arange(n) % len(labels)
-  return (images[idx].astype(np.float32)[..., None] / 255.0,
-          labels[idx].astype(np.int64))
 
 
 def _counting(module, counts):
@@ -154,12 +131,18 @@ def main(argv):
     sess.run(tf.global_variables_initializer())
     return sess
 
-  if "ig" in _WORKLOADS.value:
+  def fresh_model(*args, **kwargs):
+    """The original `Model`, alone in a new graph."""
     tf.reset_default_graph()
     tf.set_random_seed(0)
-    model = Model(create_saliency_op="ig")
+    return Model(*args, **kwargs)
+
+  digits = lambda n: anchor_utils.load_digits(_DATA_NPZ.value, n)
+
+  if "ig" in _WORKLOADS.value:
+    model = fresh_model(create_saliency_op="ig")
     with session() as sess:
-      x, y = _digits(_IG_IMAGES.value)
+      x, y = digits(_IG_IMAGES.value)
       reference = np.zeros((28, 28, 1), np.float32)
       alphas = np.arange(1, 101, dtype=np.float32)[:, None, None, None] / 100
 
@@ -168,24 +151,22 @@ def main(argv):
           sess.run(model.saliency, feed_dict={
               model.input: alphas * image, model.label_ph: label,
               model.reference_image: reference})
-      record(f"tf1 ig m=100 ({len(y)} images)", _time(ig, warmup, repeats),
-             len(y))
+      record(f"tf1 ig m=100 ({len(y)} images)",
+             anchor_utils.time_runs(ig, warmup, repeats), len(y))
 
   for name in ("madry", "ig_norm"):
     if name not in _WORKLOADS.value:
       continue
-    tf.reset_default_graph()
-    tf.set_random_seed(0)
     if name == "madry":
-      model = Model()
+      model = fresh_model()
       loss, loss_func = model.xent, "xent"
     else:
-      model = Model("train", m=50, lamb=1.0, approx_factor=5)
+      model = fresh_model("train", m=50, lamb=1.0, approx_factor=5)
       loss, loss_func = model.loss_with_IG_regularizer, "ar_approx"
     train_op = tf.train.AdamOptimizer(1e-4).minimize(loss)
     with session() as sess:
       attack = LinfPGDAttack(sess, model, 0.3, 40, 0.01, True, loss_func)
-      x, y = _digits(50)
+      x, y = digits(50)
 
       def step():
         x_adv = attack.perturb(x, y)  # pylint: disable=cell-var-from-loop
@@ -194,14 +175,13 @@ def main(argv):
         else:
           feed = {model.input: x, model.adv_input: x_adv, model.label: y}
         sess.run(train_op, feed_dict=feed)  # pylint: disable=cell-var-from-loop
-      record(f"tf1 {name} step B=50", _time(step, warmup, repeats), 50)
+      record(f"tf1 {name} step B=50",
+             anchor_utils.time_runs(step, warmup, repeats), 50)
 
   if "attack" in _WORKLOADS.value:
-    tf.reset_default_graph()
-    tf.set_random_seed(0)
-    model = Model(create_saliency_op="ig")
+    model = fresh_model(create_saliency_op="ig")
     with session() as sess:
-      x, _ = _digits(_ATTACK_EXAMPLES.value)
+      x, _ = digits(_ATTACK_EXAMPLES.value)
       labels = sess.run(model.y_pred, feed_dict={model.input: x})
 
       counts = dict(steps=0, label_changed_steps=0)
@@ -221,7 +201,7 @@ def main(argv):
           assert module.status == 1, "the attack skipped an example"
           _counting(module, counts)
           module.iterative_attack()
-      rec = _time(attack_all, warmup, repeats)
+      rec = anchor_utils.time_runs(attack_all, warmup, repeats)
       rec["seconds_per_example"] = rec["median_s"] / len(labels)
       rec["build_s_per_example"] = statistics.median(build_s)
       rec.update(counts)
