@@ -938,6 +938,8 @@ class _StopRequests:
   def __init__(self):
     self.signum = None
     self._previous = {}
+    self._in_flight = None   # the agreement dispatched by the last call
+    self._max = self._sharding = None
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
@@ -962,14 +964,35 @@ class _StopRequests:
         "training stops (rerun the same command to resume). Press Ctrl-C "
         "again to stop at once without saving.", signal.Signals(signum).name)
 
-  def requested(self) -> Optional[int]:
-    """The signal to stop for (agreed by all processes), or None."""
-    signum = self.signum or 0
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      signum = int(np.max(multihost_utils.process_allgather(
-          np.int32(signum))))
-    return signum or None
+  def requested(self, *, wait: bool = True) -> Optional[int]:
+    """The signal to stop for (agreed by all processes), or None.
+
+    With one process this is the signal received so far. With several, the
+    processes agree by a maximum over all devices. `wait=False` is for the
+    loop's every step: it dispatches this step's agreement without waiting
+    for it and returns the previous call's, which the device has computed
+    by then (it was queued after the previous step), so the host does not
+    wait for the running step; a signal then takes effect one step later,
+    at the same step on every process. `wait=True` agrees now.
+    """
+    if jax.process_count() == 1:
+      return self.signum
+    previous, self._in_flight = self._in_flight, self._agreement()
+    if wait:
+      previous, self._in_flight = self._in_flight, None
+    if previous is None:
+      return None
+    return int(previous) or None
+
+  def _agreement(self) -> jax.Array:
+    """Dispatches the maximum of every process's signal number (0: none)."""
+    if self._max is None:
+      mesh = Mesh(np.array(jax.devices()), ("processes",))
+      self._sharding = NamedSharding(mesh, P("processes"))
+      self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
+    local = np.full((jax.local_device_count(),), self.signum or 0, np.int32)
+    return self._max(jax.make_array_from_process_local_data(
+        self._sharding, local))
 
 
 # --- The loop. ---------------------------------------------------------------
@@ -1238,7 +1261,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       # saves, evaluates, ends or stops: that one is checked before the
       # next starts (its state is still there to save). So every saved
       # state has been checked, and a non-finite step is reported by its
-      # own number, at most one step later.
+      # own number, at most one step later. With several processes, the
+      # agreement to stop is read one step late for the same reason.
       pending = None
       for step in range(start, total_steps):
         x, y = next(batches)
@@ -1249,7 +1273,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         if pending is not None:
           check(*pending)
           pending = None
-        signum = stop.requested()
+        signum = stop.requested(wait=False)
         logs = done == total_steps or every(config.log_every_steps, done)
         saves = every(config.checkpoint_every_steps, done)
         evals = every(config.eval_every_steps, done) and done != total_steps

@@ -5,11 +5,17 @@
 Joins a 2-process JAX cluster on localhost (2 CPU devices each, gloo
 collectives), trains the MNIST Madry smoke preset for 3 steps under pmap and
 under shard_map, and writes each run's final parameters and metrics to
-WORKDIR/<parallel>.npz (process 0).
+WORKDIR/<parallel>.npz (process 0). Then checks how the processes agree to
+stop: the agreement itself (WORKDIR/agree_<process>.json), and a long run
+in which process 1 alone receives SIGTERM (WORKDIR/stop_<process>.json).
 """
 
+import json
 import os
+import signal
 import sys
+import threading
+import time
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -43,6 +49,45 @@ def main(process_id, port, workdir):
                adversarial_accuracy=final["adversarial_accuracy"],
                natural_accuracy=final["natural_accuracy"],
                *jax.tree.leaves(params))
+  check_agreement(process_id, workdir)
+  stop_by_signal(process_id, os.path.join(workdir, "stop"), workdir)
+
+
+def check_agreement(process_id, workdir):
+  """Process 1 alone has a signal: what each call returns on each process."""
+  stop = train._StopRequests()  # pylint: disable=protected-access
+  got = [stop.requested(wait=False)]       # nothing dispatched before: None
+  if process_id == 1:
+    stop.signum = signal.SIGTERM
+  got.append(stop.requested(wait=False))   # the first call's: no signal yet
+  got.append(stop.requested(wait=False))   # the second call's: SIGTERM
+  got.append(stop.requested())             # agreed now: SIGTERM
+  with open(os.path.join(workdir, f"agree_{process_id}.json"), "w") as f:
+    json.dump(got, f)
+
+
+def stop_by_signal(process_id, run_dir, workdir):
+  """A long NATURAL run; process 1 sends itself SIGTERM after a checkpoint."""
+  config = paper.get_config("mnist,natural,smoke")
+  config.num_train_steps = 100_000
+  config.checkpoint_every_steps = 20
+  config.log_every_steps = 20
+
+  def signal_after_first_checkpoint():
+    while not train.saved_steps(os.path.join(run_dir, "checkpoints")):
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  if process_id == 1:
+    threading.Thread(target=signal_after_first_checkpoint, daemon=True).start()
+  try:
+    train.train_and_evaluate(config, run_dir)
+    result = {"stopped": False}
+  except train.Interrupted as e:
+    result = {"stopped": True, "step": e.step, "signum": e.signum}
+  result["saved"] = train.saved_steps(os.path.join(run_dir, "checkpoints"))
+  with open(os.path.join(workdir, f"stop_{process_id}.json"), "w") as f:
+    json.dump(result, f)
 
 
 if __name__ == "__main__":

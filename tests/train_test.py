@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -171,6 +172,19 @@ def test_two_processes_train_like_one_process_with_as_many_devices(
     assert float(multi["adversarial_accuracy"]) == (
         single["adversarial_accuracy"])
     assert float(multi["natural_accuracy"]) == single["natural_accuracy"]
+  # Only process 1 had the signal; both see it, one call later without
+  # waiting (the loop's every step), at once when waiting.
+  for i in (0, 1):
+    with open(tmp_path / f"agree_{i}.json") as f:
+      assert json.load(f) == [None, None, signal.SIGTERM, signal.SIGTERM]
+  # SIGTERM to process 1 alone: both stop at the same step, after saving it.
+  stops = []
+  for i in (0, 1):
+    with open(tmp_path / f"stop_{i}.json") as f:
+      stops.append(json.load(f))
+  assert stops[0] == stops[1], stops
+  assert stops[0]["stopped"] and stops[0]["signum"] == signal.SIGTERM
+  assert 20 <= stops[0]["step"] == stops[0]["saved"][-1] < 100_000
 
 
 def test_all_sixteen_paper_presets_are_valid():
