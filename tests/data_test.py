@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from rar_jax import data
+from rar_jax.data import augment
 from rar_jax.data import prepare
 
 _RNG = np.random.default_rng(0)
@@ -275,7 +276,8 @@ def test_prepare_gtsrb_from_udacity_pickles(tmp_path):
     features = _RNG.integers(20, 90, (n, 32, 32, 3), dtype=np.uint8)
     with open(source / f"{split}.p", "wb") as f:
       pickle.dump({"features": features, "labels": np.arange(n) % 43}, f)
-  prepare.main(["gtsrb", f"--source={source}", f"--output={tmp_path / 'out'}"])
+  prepare.main(["gtsrb", f"--source={source}", f"--output={tmp_path / 'out'}",
+                "--balance_per_class=0"])
   x, y = data.load_dataset(f"npz:{tmp_path / 'out'}", "train")
   assert x.shape == (6, 32, 32, 3) and list(y) == list(range(6))
   assert x.min() == 0.0 and x.max() == 255.0  # Equalised, [0, 255].
@@ -303,7 +305,8 @@ def test_prepare_flower17_split(tmp_path):
     image_module.fromarray(array).save(source / f"image_{number:04d}.png")
   prepare.main(["flower17", f"--source={source}",
                 f"--output={tmp_path / 'out'}", "--images_per_class=10",
-                "--num_train_per_class=8", "--image_size=8"])
+                "--num_train_per_class=8", "--image_size=8",
+                "--balance_per_class=0"])
   train_x, train_y = data.load_dataset(f"npz:{tmp_path / 'out'}", "train")
   test_x, test_y = data.load_dataset(f"npz:{tmp_path / 'out'}", "test")
   assert train_x.shape == (24, 8, 8, 3) and test_x.shape == (6, 8, 8, 3)
@@ -319,6 +322,190 @@ def test_prepare_flower17_split(tmp_path):
   expected_train = [n for n in order if sum(
       (m - 1) // 10 == (n - 1) // 10 for m in order[:list(order).index(n)]) < 8]
   np.testing.assert_array_equal(train_x[:, 0, 0, 0], expected_train)
+
+
+# --- The paper's class-balancing augmentation -------------------------------
+
+def _original_draws(rng, n, height):
+  """The original's draws, one `uniform` call at a time, in its order."""
+  rows = []
+  for _ in range(n):
+    angle = rng.uniform(-15, 15)
+    tx = 5 * rng.uniform() - 5 / 2
+    ty = 5 * rng.uniform() - 5 / 2
+    d = height * 0.3 * rng.uniform(0, 0.8)
+    rows.append([angle, tx, ty, d] + [rng.uniform(-d, d) for _ in range(8)])
+  return np.array(rows)
+
+
+def test_augment_draws_follow_the_original_order():
+  p = augment.draw_params(np.random.RandomState(12312), 7, 32)
+  got = np.concatenate([np.stack([p["angle"], p["tx"], p["ty"], p["d"]], 1),
+                        p["corners"]], 1)
+  np.testing.assert_array_equal(
+      got, _original_draws(np.random.RandomState(12312), 7, 32))
+  assert np.all(np.abs(p["angle"]) <= 15) and np.all(np.abs(p["tx"]) <= 2.5)
+  assert np.all(p["d"] <= 32 * 0.3 * 0.8)
+  assert np.all(np.abs(p["corners"]) <= p["d"][:, None])
+
+
+def test_augment_rotation_about_the_centre():
+  x = _RNG.random((2, 6, 6, 3))
+  same = augment.warp_edge(x, np.stack([augment.rotation_matrix(0, 6, 6)] * 2))
+  np.testing.assert_array_equal(same, x)
+  # 90 degrees about ((W - 1) / 2, (H - 1) / 2) permutes the pixels.
+  turned = augment.warp_edge(x, np.stack([augment.rotation_matrix(90, 6, 6)]
+                                         * 2))
+  np.testing.assert_allclose(turned, np.rot90(x, axes=(1, 2)), atol=1e-12)
+  # Edge mode: no pixel comes from outside the image, so the range holds.
+  small = augment.warp_edge(x, np.stack([augment.rotation_matrix(13, 6, 6)]
+                                        * 2))
+  assert small.min() >= x.min() and small.max() <= x.max()
+  np.testing.assert_allclose(small[:, 2:4, 2:4].mean(), x[:, 2:4, 2:4].mean(),
+                             atol=0.2)
+
+
+def test_augment_translation_is_opencv_bilinear_with_zero_border():
+  x = _RNG.random((1, 5, 4, 2)) + 1.0
+  out = augment.translate_zero(x, np.array([1.0]), np.array([-2.0]))
+  expected = np.zeros_like(x)
+  expected[:, :3, 1:] = x[:, 2:, :3]
+  np.testing.assert_array_equal(out, expected)
+  half = augment.translate_zero(x, np.array([0.5]), np.array([0.0]))
+  np.testing.assert_allclose(half[:, :, 1:], (x[:, :, :-1] + x[:, :, 1:]) / 2)
+  np.testing.assert_allclose(half[:, :, 0], x[:, :, 0] / 2)   # 0 outside
+  # OpenCV samples at 1/32 pixel: 0.02 rounds to 1/32, 0.01 to 0.
+  np.testing.assert_array_equal(
+      augment.translate_zero(x, np.array([0.02]), np.array([0.0])),
+      augment.translate_zero(x, np.array([1 / 32]), np.array([0.0])))
+  np.testing.assert_array_equal(
+      augment.translate_zero(x, np.array([0.01]), np.array([0.0])), x)
+
+
+def test_augment_projective_matrix_maps_the_corners():
+  corners = _RNG.uniform(-5, 5, 8)
+  tl_top, tl_left, bl_bottom, bl_left, tr_top, tr_right, br_bottom, br_right = (
+      corners)
+  src = np.array([[tl_left, tl_top, 1], [bl_left, 32 - bl_bottom, 1],
+                  [32 - br_right, 32 - br_bottom, 1], [32 - tr_right, tr_top, 1]])
+  m = augment.projective_matrix(corners, 32)
+  mapped = src @ m.T
+  np.testing.assert_allclose(mapped[:, :2] / mapped[:, 2:],
+                             [[0, 0], [0, 32], [32, 32], [32, 0]], atol=1e-9)
+  assert m[2, 2] == 1.0
+  np.testing.assert_allclose(augment.projective_matrix(np.zeros(8), 32),
+                             np.eye(3), atol=1e-12)
+
+
+def test_augment_distort_without_distortion_keeps_the_image():
+  x = _RNG.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+  zero = {"angle": np.zeros(3), "tx": np.zeros(3), "ty": np.zeros(3),
+          "corners": np.zeros((3, 8))}
+  out = augment.distort(x, zero)
+  # `(x / 255) * 255` truncated, as the original: equal or one level below.
+  assert np.all((x.astype(int) - out) >= 0) and np.all((x.astype(int) - out)
+                                                        <= 1)
+  assert np.mean(out == x) > 0.5
+
+
+def test_balance_classes_fills_each_class_with_copies_in_order():
+  x = _RNG.integers(0, 256, (7, 8, 8, 3), dtype=np.uint8)
+  y = np.array([1, 0, 1, 2, 1, 1, 1])        # class 1 has 5 > 4 images
+  bx, by = augment.balance_classes(x, y, 4, np.random.RandomState(3),
+                                   chunk_size=2)
+  np.testing.assert_array_equal(np.bincount(by), [4, 5, 4])
+  np.testing.assert_array_equal(by, np.sort(by))   # grouped by class
+  # Originals first, then copy i of image i % count, drawn in that order.
+  rng = np.random.RandomState(3)
+  zero, two = x[y == 0], x[y == 2]
+  np.testing.assert_array_equal(bx[0], zero[0])
+  np.testing.assert_array_equal(
+      bx[1:4], augment.distort(zero[[0, 0, 0]], augment.draw_params(rng, 3, 8)))
+  np.testing.assert_array_equal(bx[4:9], x[y == 1])   # no copies
+  np.testing.assert_array_equal(bx[9], two[0])
+  np.testing.assert_array_equal(
+      bx[10:], augment.distort(two[[0, 0, 0]], augment.draw_params(rng, 3, 8)))
+  with pytest.raises(ValueError, match=r"classes \[1\] have none"):
+    augment.balance_classes(x[y != 1], y[y != 1], 4, rng)
+  with pytest.raises(ValueError, match="uint8 images"):
+    augment.balance_classes(x.astype(np.float32), y, 4, rng)
+  with pytest.raises(ValueError, match="per_class must be >= 1; got 0"):
+    augment.balance_classes(x, y, 0, rng)
+  with pytest.raises(ValueError, match=r"in \[0, 2\); got shape \(7,\), "
+                     r"range \[0, 2\]"):
+    augment.balance_classes(x, y, 4, rng, num_classes=2)
+
+
+def test_augment_matches_scikit_image_and_opencv():
+  """The original's own calls, where those libraries are installed."""
+  transform = pytest.importorskip("skimage.transform")
+  cv2 = pytest.importorskip("cv2")
+  x = np.concatenate([_RNG.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
+                      np.repeat(_RNG.integers(0, 256, (20, 32, 32, 1),
+                                              dtype=np.uint8), 3, -1)])
+  p = augment.draw_params(np.random.RandomState(1), len(x), 32)
+  expected = []
+  for i, image in enumerate(x):
+    out = transform.rotate(image, p["angle"][i], mode="edge")
+    out = cv2.warpAffine(out, np.float32([[1, 0, p["tx"][i]],
+                                          [0, 1, p["ty"][i]]]), (32, 32))
+    t, l, bb, bl, tt, tr, brb, brr = p["corners"][i]
+    fit = transform.ProjectiveTransform()
+    fit.estimate(np.array(((l, t), (bl, 32 - bb), (32 - brr, 32 - brb),
+                           (32 - tr, tt))),
+                 np.array(((0, 0), (0, 32), (32, 32), (32, 0))))
+    out = transform.warp(out, fit, output_shape=(32, 32), order=1,
+                         mode="edge")
+    expected.append((out * 255.0).astype(np.uint8))
+  np.testing.assert_array_equal(augment.distort(x, p), np.stack(expected))
+
+
+def test_prepare_gtsrb_balances_raw_images_then_equalises(tmp_path):
+  source = tmp_path / "src"
+  source.mkdir()
+  raw = _RNG.integers(20, 90, (5, 32, 32, 3), dtype=np.uint8)
+  labels = np.array([0, 1, 1, 2, 1])
+  np.savez(source / "train.npz", images=raw, labels=labels)
+  np.savez(source / "test.npz", images=raw[:2], labels=labels[:2])
+  counts = prepare.prepare_gtsrb(str(source), str(tmp_path / "out"),
+                                 balance_per_class=4, augment_seed=9)
+  assert counts == {"train": 12, "test": 2}
+  written = np.load(tmp_path / "out" / "train.npz")
+  bx, by = augment.balance_classes(raw, labels, 4, np.random.RandomState(9))
+  np.testing.assert_array_equal(written["images"], prepare.equalize_images(bx))
+  np.testing.assert_array_equal(written["labels"], by)
+  with pytest.raises(ValueError, match="balance_per_class must be >= 0"):
+    prepare.prepare_gtsrb(str(source), str(tmp_path / "o"),
+                          balance_per_class=-1)
+
+
+def test_prepare_flower17_copies_continue_the_shuffle_state(tmp_path):
+  image_module = pytest.importorskip("PIL.Image")
+  source = tmp_path / "jpg"
+  source.mkdir()
+  for number in range(1, 13):
+    array = _RNG.integers(0, 256, (10, 10, 3), dtype=np.uint8)
+    image_module.fromarray(array).save(source / f"image_{number:04d}.png")
+  common = ["flower17", f"--source={source}", "--images_per_class=4",
+            "--num_train_per_class=3", "--image_size=8"]
+  prepare.main(common + [f"--output={tmp_path / 'plain'}",
+                         "--balance_per_class=0"])
+  prepare.main(common + [f"--output={tmp_path / 'paper'}",
+                         "--balance_per_class=5"])
+  prepare.main(common + [f"--output={tmp_path / 'seeded'}",
+                         "--balance_per_class=5", "--augment_seed=12312"])
+  plain = np.load(tmp_path / "plain" / "train.npz")
+  rng = np.random.RandomState(prepare.FLOWER17_SEED)
+  rng.permutation(12)                        # the shuffle, then the copies
+  for name, state in (("paper", rng), ("seeded",
+                                       np.random.RandomState(12312))):
+    bx, by = augment.balance_classes(plain["images"], plain["labels"], 5,
+                                     state)
+    written = np.load(tmp_path / name / "train.npz")
+    np.testing.assert_array_equal(written["images"], bx)
+    np.testing.assert_array_equal(written["labels"], by)
+  test = np.load(tmp_path / "paper" / "test.npz")
+  assert len(test["labels"]) == 3                  # the test split untouched
 
 
 # --- Deterministic batching and sharding ------------------------------------

@@ -14,8 +14,9 @@ see BUILD.md). The paper trains on the 55,000 images left after TF's reader
 holds out the first 5,000; tfds stores the examples in another order, so
 `train[5000:]` is a split of the same size, not the same images. GTSRB and Flower-17 come from `python -m rar_jax.data.prepare`
 (their `dataset.name` is `npz:data/gtsrb` / `npz:data/flower17`; override with
-`--config.dataset.name=npz:PATH`). The paper's class-balancing augmentation of
-GTSRB/Flower is not reproduced (its GTSRB version was unseeded anyway).
+`--config.dataset.name=npz:PATH`), which also reproduces the paper's
+class-balancing augmentation (GTSRB to 10,000 and Flower to 1,000 training
+images per class).
 
 `attack` holds the settings of the top-k attribution attack of
 `experiments/evaluate.py` (spec section 4.2; evaluate with the training

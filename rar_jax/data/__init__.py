@@ -10,7 +10,8 @@ sample, tensorflow-datasets, `.npz`, IDX and image-folder files) and returns
 `(images float32 [N, H, W, C], labels int32 [N])` in the paper's pixel range;
 `batches`/`shard_batch` (`batching.py`) give an order that is a pure function
 of (seed, step). GTSRB and Flower-17 are prepared once with
-`python -m rar_jax.data.prepare` (`prepare.py`).
+`python -m rar_jax.data.prepare` (`prepare.py`; the paper's class-balancing
+augmentation is `augment.py`).
 """
 
 from rar_jax.data.batching import batches

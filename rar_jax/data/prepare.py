@@ -20,10 +20,17 @@ reads as float32 in [0, 255].
   with `np.random.seed(4557077)`, and the first 72 per class in shuffled
   order form the train set (1,224), the other 8 per class the test set (136).
 
-Not done (open): the paper's training-set balancing with random rotations,
-translations and projective warps (GTSRB to 10,000 and Flower to 1,000 per
-class); GTSRB's original augmentation was unseeded, so it is not reproducible
-bit for bit anyway. The paper's code numbered the Flower classes by the
+Both then fill every class of the train split up to the paper's count
+(`--balance_per_class`: GTSRB 10,000, Flower 1,000; 0 keeps the originals
+only) with rotated, translated and projectively warped copies, as the
+original `generate_data.py` (`rar_jax.data.augment`). GTSRB's copies are made
+from the raw images and then equalised with them, as the original, which
+equalised at load time. The original's GTSRB augmentation was unseeded;
+here `--augment_seed` (default 0) fixes it. For Flower the original seeded
+NumPy with 12312, but building the dataset reseeded it with 4557077 for the
+shuffle, so a first run drew its copies from the state after that shuffle:
+that is the default here (`--augment_seed` replaces it).
+The paper's code numbered the Flower classes by the
 lexicographic order of folder names "0".."16" (so its label 2 is block 10);
 here label k is block k, matching the dataset's class list.
 
@@ -38,13 +45,16 @@ import pathlib
 import pickle
 import re
 import sys
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
+from rar_jax.data import augment
 from rar_jax.data import sources
 
 FLOWER17_SEED = 4557077
+GTSRB_PER_CLASS = 10_000   # the paper's balanced class sizes
+FLOWER17_PER_CLASS = 1_000
 _GTSRB_SIZE = (32, 32)
 _FLOWER_SIZE = (128, 128)
 
@@ -169,7 +179,9 @@ def prepare_flower17(source: str, output: str, *,
                      image_size: tuple[int, int] = _FLOWER_SIZE,
                      images_per_class: int = 80,
                      num_train_per_class: int = 72,
-                     seed: int = FLOWER17_SEED) -> dict[str, int]:
+                     seed: int = FLOWER17_SEED,
+                     balance_per_class: int = FLOWER17_PER_CLASS,
+                     augment_seed: Optional[int] = None) -> dict[str, int]:
   """Builds the paper's Flower-17 train/test `.npz` files (module docstring).
 
   Args:
@@ -180,12 +192,18 @@ def prepare_flower17(source: str, output: str, *,
     images_per_class: size of each block of consecutive file numbers.
     num_train_per_class: train images per class; the rest are test.
     seed: `np.random.seed` of the shuffle (paper: 4557077).
+    balance_per_class: fill every train class up to this many images with
+      distorted copies (`augment.balance_classes`; paper: 1,000); 0: no
+      copies.
+    augment_seed: seed of the copies' distortions; None: continue from the
+      shuffle's random state, as a first run of the original.
 
   Returns:
     {"train": N_train, "test": N_test}.
 
   Raises:
     FileNotFoundError: no `image_NNNN.*` files in `source`.
+    ValueError: `balance_per_class` < 0.
 
   References:
     Nilsback, Zisserman, "A Visual Vocabulary for Flower Classification",
@@ -199,11 +217,13 @@ def prepare_flower17(source: str, output: str, *,
     ...   Image.fromarray(np.full((8, 6, 3), 10 * i, np.uint8)).save(
     ...       os.path.join(source, f"image_{i:04d}.png"))
     >>> prepare_flower17(source, output, image_size=(4, 4),
-    ...                  images_per_class=3, num_train_per_class=2)
-    {'train': 4, 'test': 2}
+    ...                  images_per_class=3, num_train_per_class=2,
+    ...                  balance_per_class=5)        # 2 originals + 3 copies
+    {'train': 10, 'test': 2}
     >>> sorted(os.listdir(output))
     ['test.npz', 'train.npz']
   """
+  _check_balance(balance_per_class)
   pattern = re.compile(r"image_(\d+)\.[A-Za-z]+$")
   files = sorted(
       (int(m.group(1)), p) for p in pathlib.Path(source).iterdir()
@@ -218,15 +238,31 @@ def prepare_flower17(source: str, output: str, *,
   labels = np.asarray([(number - 1) // images_per_class
                        for number, _ in files], np.int32)
   # Paper: np.random.seed(4557077); p = np.random.permutation(N).
-  order = np.random.RandomState(seed).permutation(len(images))
+  rng = np.random.RandomState(seed)
+  order = rng.permutation(len(images))
   images, labels = images[order], labels[order]
   train, test = split_per_class(labels,
                                 num_train_per_class=num_train_per_class)
-  return _write(output, {"train": (images[train], labels[train]),
+  train_x, train_y = images[train], labels[train]
+  if balance_per_class:
+    if augment_seed is not None:
+      rng = np.random.RandomState(augment_seed)
+    train_x, train_y = augment.balance_classes(train_x, train_y,
+                                               balance_per_class, rng)
+  return _write(output, {"train": (train_x, train_y),
                          "test": (images[test], labels[test])})
 
 
-def prepare_gtsrb(source: str, output: str) -> dict[str, int]:
+def _check_balance(balance_per_class):
+  if int(balance_per_class) < 0:
+    raise ValueError(
+        f"balance_per_class must be >= 0 (0: no augmented copies); got "
+        f"{balance_per_class}.")
+
+
+def prepare_gtsrb(source: str, output: str, *,
+                  balance_per_class: int = GTSRB_PER_CLASS,
+                  augment_seed: int = 0) -> dict[str, int]:
   """Histogram-equalises GTSRB into `.npz` files (module docstring).
 
   Args:
@@ -234,12 +270,17 @@ def prepare_gtsrb(source: str, output: str) -> dict[str, int]:
       `train.npz`/`test.npz`, or `train/CLASS/*` and `test/CLASS/*` images.
       Pickles run code when loaded: use only trusted files.
     output: folder to write `train.npz`, `test.npz` (and `valid.npz`) to.
+    balance_per_class: fill every train class up to this many images with
+      distorted copies of its raw images before equalising
+      (`augment.balance_classes`; paper: 10,000); 0: no copies.
+    augment_seed: seed of the copies' distortions (the original had none).
 
   Returns:
     Number of images per written split.
 
   Raises:
     FileNotFoundError: none of the accepted layouts in `source`.
+    ValueError: `balance_per_class` < 0, or a train class with no image.
 
   References:
     Stallkamp, Schlipsing, Salmen, Igel, "Man vs. computer: Benchmarking
@@ -252,9 +293,10 @@ def prepare_gtsrb(source: str, output: str) -> dict[str, int]:
     >>> for split, n in (("train", 3), ("test", 2)):
     ...   np.savez(os.path.join(source, f"{split}.npz"), labels=np.arange(n),
     ...            images=np.zeros((n, 32, 32, 3), np.uint8))
-    >>> prepare_gtsrb(source, output)
-    {'train': 3, 'test': 2}
+    >>> prepare_gtsrb(source, output, balance_per_class=2)  # 3 x 1 + 3 x 1
+    {'train': 6, 'test': 2}
   """
+  _check_balance(balance_per_class)
   root = pathlib.Path(source)
   splits = {}
   for split in ("train", "valid", "test"):
@@ -270,7 +312,12 @@ def prepare_gtsrb(source: str, output: str) -> dict[str, int]:
     else:
       continue
     images = _to_rgb(np.asarray(images, np.uint8))
-    splits[split] = (equalize_images(images), np.asarray(labels, np.int32))
+    labels = np.asarray(labels, np.int32)
+    if split == "train" and balance_per_class:
+      images, labels = augment.balance_classes(
+          images, labels, balance_per_class,
+          np.random.RandomState(augment_seed))
+    splits[split] = (equalize_images(images), labels)
   if not {"train", "test"} <= set(splits):
     raise FileNotFoundError(
         f"GTSRB source {source!r} needs train and test data as train.p/test.p "
@@ -300,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
   Args:
     argv: the arguments after the program name (None: `sys.argv[1:]`):
-      `gtsrb` or `flower17`, `--source`, `--output`, and for flower17
+      `gtsrb` or `flower17`, `--source`, `--output`,
+      `--balance_per_class`, `--augment_seed`, and for flower17
       `--images_per_class`, `--num_train_per_class`, `--image_size`, `--seed`.
 
   References:
@@ -312,7 +360,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     >>> for split in ("train", "test"):
     ...   np.savez(os.path.join(source, f"{split}.npz"), labels=np.arange(2),
     ...            images=np.zeros((2, 32, 32, 3), np.uint8))
-    >>> main(["gtsrb", f"--source={source}", f"--output={output}"])
+    >>> main(["gtsrb", f"--source={source}", f"--output={output}",
+    ...       "--balance_per_class=0"])
     >>> sorted(os.listdir(output))
     ['test.npz', 'train.npz']
   """
@@ -332,16 +381,38 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="flower17: side of the square output images")
   parser.add_argument("--seed", type=int, default=FLOWER17_SEED,
                       help="flower17: shuffle seed")
+  parser.add_argument(
+      "--balance_per_class", type=int, default=None,
+      help="fill every train class up to this many images with augmented "
+      f"copies (default: the paper's, gtsrb {GTSRB_PER_CLASS}, flower17 "
+      f"{FLOWER17_PER_CLASS}); 0: originals only")
+  parser.add_argument(
+      "--augment_seed", type=int, default=None,
+      help="seed of the copies' distortions (default: gtsrb 0; flower17 the "
+      "shuffle's random state, as the original)")
   args = parser.parse_args(argv)
+  if args.balance_per_class is not None and args.balance_per_class < 0:
+    parser.error("--balance_per_class must be >= 0 (0: no augmented "
+                 f"copies); got {args.balance_per_class}")
   if args.dataset == "gtsrb":
-    counts = prepare_gtsrb(args.source, args.output)
+    counts = prepare_gtsrb(
+        args.source, args.output,
+        balance_per_class=_default(args.balance_per_class, GTSRB_PER_CLASS),
+        augment_seed=_default(args.augment_seed, 0))
   else:
     counts = prepare_flower17(
         args.source, args.output,
         image_size=(args.image_size, args.image_size),
         images_per_class=args.images_per_class,
-        num_train_per_class=args.num_train_per_class, seed=args.seed)
+        num_train_per_class=args.num_train_per_class, seed=args.seed,
+        balance_per_class=_default(args.balance_per_class,
+                                   FLOWER17_PER_CLASS),
+        augment_seed=args.augment_seed)
   print(f"Wrote {counts} images to {args.output}", file=sys.stderr)
+
+
+def _default(value, default):
+  return default if value is None else value
 
 
 if __name__ == "__main__":
