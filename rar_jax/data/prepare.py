@@ -29,7 +29,9 @@ equalised at load time. The original's GTSRB augmentation was unseeded;
 here `--augment_seed` (default 0) fixes it. For Flower the original seeded
 NumPy with 12312, but building the dataset reseeded it with 4557077 for the
 shuffle, so a first run drew its copies from the state after that shuffle:
-that is the default here (`--augment_seed` replaces it).
+that is the default here (`--augment_seed` replaces it). The draws do not
+fall on the same images as the original's, whose order of files came from
+`os.walk` (see also the class numbering below).
 The paper's code numbered the Flower classes by the
 lexicographic order of folder names "0".."16" (so its label 2 is block 10);
 here label k is block k, matching the dataset's class list.
