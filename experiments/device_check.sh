@@ -22,11 +22,11 @@
 #       --attack_ig_steps=4 --loop_steps=4 --loop_log_every=2 \
 #       --sweep_batch_sizes=2,4 --sweep_ig_steps=4,8
 #
-# PART_LIMIT (seconds, default 150) bounds each part; the four together stay
-# within 10 minutes.
+# PART_LIMIT (seconds, default 135) bounds each part, so that the four
+# together stay under 10 minutes.
 set -uo pipefail
 OUT=${OUT:-/tmp/device_check}
-LIMIT=${PART_LIMIT:-150}
+LIMIT=${PART_LIMIT:-135}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
