@@ -1,6 +1,7 @@
 """Tests for rar_jax.data: sources, preparation, deterministic batching."""
 
 import gzip
+import hashlib
 import itertools
 import pickle
 import struct
@@ -397,43 +398,78 @@ def test_augment_projective_matrix_maps_the_corners():
                              np.eye(3), atol=1e-12)
 
 
-def test_augment_distort_without_distortion_keeps_the_image():
-  x = _RNG.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
-  zero = {"angle": np.zeros(3), "tx": np.zeros(3), "ty": np.zeros(3),
-          "corners": np.zeros((3, 8))}
-  out = augment.distort(x, zero)
-  # `(x / 255) * 255` truncated, as the original: equal or one level below.
-  assert np.all((x.astype(int) - out) >= 0) and np.all((x.astype(int) - out)
-                                                        <= 1)
-  assert np.mean(out == x) > 0.5
+def test_augment_distort_is_rotate_translate_warp_then_truncate():
+  x = _RNG.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+  p = augment.draw_params(np.random.RandomState(4), 4, 16)
+  y = augment.warp_edge(x * (1 / 255), np.stack(
+      [augment.rotation_matrix(a, 16, 16) for a in p["angle"]]))
+  y = augment.translate_zero(y, p["tx"], p["ty"])
+  y = augment.warp_edge(y, np.stack([augment.projective_matrix(c, 16)
+                                     for c in p["corners"]]))
+  out = augment.distort(x, p)
+  np.testing.assert_array_equal(out, np.floor(y * 255.0).astype(np.uint8))
+  assert not np.array_equal(out, np.rint(y * 255.0).astype(np.uint8))
+  # The original's float path: x / 255 * 255 truncates 33 to 32, as here.
+  assert (np.array([33]) * (1 / 255) * 255.0).astype(np.uint8)[0] == 32
 
 
 def test_balance_classes_fills_each_class_with_copies_in_order():
-  x = _RNG.integers(0, 256, (7, 8, 8, 3), dtype=np.uint8)
-  y = np.array([1, 0, 1, 2, 1, 1, 1])        # class 1 has 5 > 4 images
+  x = _RNG.integers(0, 256, (9, 8, 8, 3), dtype=np.uint8)
+  y = np.array([1, 0, 1, 2, 1, 0, 1, 1, 0])  # class 1 has 5 > 4 images
   bx, by = augment.balance_classes(x, y, 4, np.random.RandomState(3),
                                    chunk_size=2)
   np.testing.assert_array_equal(np.bincount(by), [4, 5, 4])
   np.testing.assert_array_equal(by, np.sort(by))   # grouped by class
-  # Originals first, then copy i of image i % count, drawn in that order.
+  # Originals first, then copy i of image i % count, drawn in that order,
+  # across chunks (class 2: 3 copies in chunks of 2).
   rng = np.random.RandomState(3)
   zero, two = x[y == 0], x[y == 2]
-  np.testing.assert_array_equal(bx[0], zero[0])
+  np.testing.assert_array_equal(bx[:3], zero)
   np.testing.assert_array_equal(
-      bx[1:4], augment.distort(zero[[0, 0, 0]], augment.draw_params(rng, 3, 8)))
+      bx[3], augment.distort(zero[[0]], augment.draw_params(rng, 1, 8))[0])
   np.testing.assert_array_equal(bx[4:9], x[y == 1])   # no copies
   np.testing.assert_array_equal(bx[9], two[0])
   np.testing.assert_array_equal(
       bx[10:], augment.distort(two[[0, 0, 0]], augment.draw_params(rng, 3, 8)))
+  # 5 copies of a class of 2 images in chunks of 3: images 0, 1, 0 | 1, 0.
+  pair = x[:2]
+  cx, _ = augment.balance_classes(pair, np.array([0, 0]), 7,
+                                  np.random.RandomState(5), chunk_size=3)
+  np.testing.assert_array_equal(
+      cx[2:], augment.distort(pair[[0, 1, 0, 1, 0]], augment.draw_params(
+          np.random.RandomState(5), 5, 8)))
   with pytest.raises(ValueError, match=r"classes \[1\] have none"):
     augment.balance_classes(x[y != 1], y[y != 1], 4, rng)
   with pytest.raises(ValueError, match="uint8 images"):
     augment.balance_classes(x.astype(np.float32), y, 4, rng)
-  with pytest.raises(ValueError, match="per_class must be >= 1; got 0"):
+  with pytest.raises(ValueError, match="uint8 images"):
+    augment.balance_classes(x[:0], y[:0], 4, rng)
+  with pytest.raises(ValueError, match="per_class must be an integer >= 1; "
+                     "got 0"):
     augment.balance_classes(x, y, 0, rng)
-  with pytest.raises(ValueError, match=r"in \[0, 2\); got shape \(7,\), "
+  with pytest.raises(ValueError, match="per_class must be an integer >= 1; "
+                     "got 2.5"):
+    augment.balance_classes(x, y, 2.5, rng)
+  with pytest.raises(ValueError, match="chunk_size must be an integer >= 1; "
+                     "got 0"):
+    augment.balance_classes(x, y, 4, rng, chunk_size=0)
+  with pytest.raises(ValueError, match="integer labels; got dtype float"):
+    augment.balance_classes(x, y.astype(float), 4, rng)
+  with pytest.raises(ValueError, match=r"in \[0, 2\); got shape \(9,\), "
                      r"range \[0, 2\]"):
     augment.balance_classes(x, y, 4, rng, num_classes=2)
+
+
+def test_augment_reproduces_a_stored_scikit_image_and_opencv_output():
+  """Bit for bit: the SHA-256 of what skimage 0.26.0 `rotate`/`warp` and
+  OpenCV 5.1.0 `warpAffine` gave for these images and draws (computed once
+  with the original's calls, as in the next test)."""
+  x = np.random.RandomState(11).randint(0, 256, (8, 32, 32, 3)).astype(
+      np.uint8)
+  x[4:] = np.repeat(x[4:, :, :, :1] // 2 + 64, 3, -1)   # smoother, grey
+  p = augment.draw_params(np.random.RandomState(12), 8, 32)
+  assert hashlib.sha256(augment.distort(x, p).tobytes()).hexdigest() == (
+      "3dece381179218d4355d5f558927412b5ddf5bc8ca5baf50e5cb1c812fed1c42")
 
 
 def test_augment_matches_scikit_image_and_opencv():

@@ -56,12 +56,13 @@ def main(process_id, port, workdir):
 def check_agreement(process_id, workdir):
   """Process 1 alone has a signal: what each call returns on each process."""
   stop = train._StopRequests()  # pylint: disable=protected-access
-  got = [stop.requested(wait=False)]       # nothing dispatched before: None
+  got = [stop.requested(wait=False),      # nothing dispatched before: None
+         stop.requested(wait=False)]      # the first call's agreement: None
   if process_id == 1:
     stop.signum = signal.SIGTERM
-  got.append(stop.requested(wait=False))   # the first call's: no signal yet
-  got.append(stop.requested(wait=False))   # the second call's: SIGTERM
-  got.append(stop.requested())             # agreed now: SIGTERM
+  got.append(stop.requested())            # agreed now: SIGTERM
+  got.append(stop.requested(wait=False))  # nothing in flight: None
+  got.append(stop.requested(wait=False))  # the previous call's: SIGTERM
   with open(os.path.join(workdir, f"agree_{process_id}.json"), "w") as f:
     json.dump(got, f)
 

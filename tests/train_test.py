@@ -172,11 +172,11 @@ def test_two_processes_train_like_one_process_with_as_many_devices(
     assert float(multi["adversarial_accuracy"]) == (
         single["adversarial_accuracy"])
     assert float(multi["natural_accuracy"]) == single["natural_accuracy"]
-  # Only process 1 had the signal; both see it, one call later without
-  # waiting (the loop's every step), at once when waiting.
+  # Only process 1 had the signal; both see it at once when waiting, and
+  # one call later without waiting (the loop's every step).
   for i in (0, 1):
     with open(tmp_path / f"agree_{i}.json") as f:
-      assert json.load(f) == [None, None, signal.SIGTERM, signal.SIGTERM]
+      assert json.load(f) == [None, None, signal.SIGTERM, None, signal.SIGTERM]
   # SIGTERM to process 1 alone: both stop at the same step, after saving it.
   stops = []
   for i in (0, 1):

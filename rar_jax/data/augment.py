@@ -29,6 +29,7 @@ References:
   5.2-5.3: GTSRB balanced to 10,000 and Flower to 1,000 images per class).
 """
 
+import operator
 from typing import Optional
 
 import numpy as np
@@ -37,6 +38,7 @@ MAX_ANGLE = 15.0      # degrees
 MAX_TRANS = 5.0       # pixels, the width of the translation's range
 MAX_WARP = 0.8
 DRAWS_PER_IMAGE = 12  # 1 angle + 2 shifts + d + 8 corner offsets
+CHUNK_VALUES = 1 << 21  # uint8 values distorted at once by balance_classes
 _CV_INTER_BITS = 5    # OpenCV: 32 sub-pixel positions
 _CV_AB_BITS = 10
 
@@ -322,30 +324,33 @@ def distort(images: np.ndarray, params: dict) -> np.ndarray:
 def balance_classes(images: np.ndarray, labels: np.ndarray,
                     per_class: int, rng: np.random.RandomState, *,
                     num_classes: Optional[int] = None,
-                    chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+                    chunk_size: Optional[int] = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
   """Fills every class up to `per_class` images with distorted copies.
 
   As the original: class by class (0, 1, ...), its images in their order,
   then `per_class - count` copies, copy `i` distorting image `i % count`,
-  drawn from `rng` in that order. A class that already has `per_class` or
-  more images keeps them all and gets no copies (the original failed there).
+  drawn from `rng` in that order. A class with more than `per_class` images
+  keeps them all and gets no copies (the original failed there).
 
   Args:
-    images: uint8 [N, H, W, C].
-    labels: int [N] in `[0, num_classes)`.
+    images: uint8 [N, H, W, C], N >= 1.
+    labels: integer [N] in `[0, num_classes)`.
     per_class: the count to fill each class up to (paper: GTSRB 10,000,
       Flower 1,000).
     rng: the random state (advanced by 12 draws per copy).
     num_classes: classes to fill (default `max(labels) + 1`); every one
       needs at least one image.
-    chunk_size: copies distorted at once (bounds the memory).
+    chunk_size: copies distorted at once (default: `CHUNK_VALUES` pixel
+      values' worth, which bounds the float64 temporaries to ~200 MB).
 
   Returns:
     `(images uint8 [M, H, W, C], labels int32 [M])`, grouped by class.
 
   Raises:
-    ValueError: not uint8 [N, H, W, C], labels not [N] in
-      `[0, num_classes)`, `per_class` < 1, or a class with no image to copy.
+    ValueError: not uint8 [N, H, W, C] with N >= 1, labels not integers [N]
+      in `[0, num_classes)`, `per_class` or `chunk_size` not an integer >= 1,
+      or a class with no image to copy.
 
   References:
     RAR spec Sec. 5.2-5.3 (`augment_and_balance_data` of the original).
@@ -358,11 +363,16 @@ def balance_classes(images: np.ndarray, labels: np.ndarray,
     ((8, 4, 4, 3), [0, 0, 0, 0, 1, 1, 1, 1])
   """
   images, labels = np.asarray(images), np.asarray(labels)
-  if images.dtype != np.uint8 or images.ndim != 4:
-    raise ValueError("balance_classes needs uint8 images [N, H, W, C]; got "
-                     f"{images.dtype} {images.shape}.")
-  if int(per_class) < 1:
-    raise ValueError(f"per_class must be >= 1; got {per_class}.")
+  if images.dtype != np.uint8 or images.ndim != 4 or not len(images):
+    raise ValueError("balance_classes needs uint8 images [N, H, W, C] with "
+                     f"N >= 1; got {images.dtype} {images.shape}.")
+  per_class = _positive_int("per_class", per_class)
+  if chunk_size is None:
+    chunk_size = max(1, CHUNK_VALUES // int(np.prod(images.shape[1:])))
+  chunk_size = _positive_int("chunk_size", chunk_size)
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"balance_classes needs integer labels; got dtype "
+                     f"{labels.dtype}.")
   num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
   if labels.shape != images.shape[:1] or labels.min() < 0 or (
       labels.max() >= num_classes):
@@ -371,12 +381,11 @@ def balance_classes(images: np.ndarray, labels: np.ndarray,
         f"{num_classes}); got shape {labels.shape}, range "
         f"[{labels.min()}, {labels.max()}].")
   counts = np.bincount(labels, minlength=num_classes)
-  if np.any(counts[:num_classes] == 0):
+  if np.any(counts == 0):
     raise ValueError(
         "balance_classes needs at least one image of every class to copy; "
-        f"classes {np.flatnonzero(counts[:num_classes] == 0).tolist()} have "
-        "none.")
-  sizes = np.maximum(counts[:num_classes], per_class)
+        f"classes {np.flatnonzero(counts == 0).tolist()} have none.")
+  sizes = np.maximum(counts, per_class)
   out_x = np.empty((int(sizes.sum()),) + images.shape[1:], np.uint8)
   out_y = np.repeat(np.arange(num_classes, dtype=np.int32), sizes)
   at = 0
@@ -393,6 +402,16 @@ def balance_classes(images: np.ndarray, labels: np.ndarray,
   return out_x, out_y
 
 
-__all__ = ["MAX_ANGLE", "MAX_TRANS", "MAX_WARP", "DRAWS_PER_IMAGE",
+def _positive_int(name, value):
+  try:
+    number = operator.index(value)
+  except TypeError:
+    number = 0
+  if number < 1:
+    raise ValueError(f"{name} must be an integer >= 1; got {value!r}.")
+  return number
+
+
+__all__ = ["MAX_ANGLE", "MAX_TRANS", "MAX_WARP", "DRAWS_PER_IMAGE", "CHUNK_VALUES",
            "draw_params", "rotation_matrix", "projective_matrix", "warp_edge",
            "translate_zero", "distort", "balance_classes"]

@@ -313,19 +313,19 @@ def prepare_gtsrb(source: str, output: str, *,
                                                  image_size=_GTSRB_SIZE)
     else:
       continue
-    images = _to_rgb(np.asarray(images, np.uint8))
-    labels = np.asarray(labels, np.int32)
-    if split == "train" and balance_per_class:
-      images, labels = augment.balance_classes(
-          images, labels, balance_per_class,
-          np.random.RandomState(augment_seed))
-    splits[split] = (equalize_images(images), labels)
+    splits[split] = (_to_rgb(np.asarray(images, np.uint8)),
+                     np.asarray(labels, np.int32))
   if not {"train", "test"} <= set(splits):
     raise FileNotFoundError(
         f"GTSRB source {source!r} needs train and test data as train.p/test.p "
         "(Udacity pickles), train.npz/test.npz (images, labels) or "
         f"train/ and test/ class folders; found splits {sorted(splits)}.")
-  return _write(output, splits)
+  if balance_per_class:
+    splits["train"] = augment.balance_classes(
+        *splits["train"], balance_per_class,
+        np.random.RandomState(augment_seed))
+  return _write(output, {split: (equalize_images(images), labels)
+                         for split, (images, labels) in splits.items()})
 
 
 def _to_rgb(images: np.ndarray) -> np.ndarray:
