@@ -1077,7 +1077,7 @@ def check_data(images, labels, config, *, split: str) -> None:
   """Refuses a dataset the config cannot train or evaluate on, before compiling.
 
   Args:
-    images: `[N, H, W, C]` as loaded.
+    images: `[N, H, W, C]` as loaded (float, or `data.ScaledPixels`).
     labels: `[N]`.
     config: the config (`dataset.*`, `objective.clip_min/clip_max`).
     split: the split's name, for the message.
@@ -1102,19 +1102,23 @@ def check_data(images, labels, config, *, split: str) -> None:
     ValueError: The train split of 'embedded_mnist' has pixels in [255, 255], outside the declared pixel range objective.clip_min=0, objective.clip_max=1; ...
   """
   name = f"The {split} split of {config.dataset.name!r}"
-  if not np.issubdtype(images.dtype, np.floating):
-    raise ValueError(f"{name} has images of dtype {images.dtype}; accepted: "
-                     "floating point (the loaders convert).")
-  finite = np.isfinite(images)
-  if not finite.all():
-    bad = np.flatnonzero(~finite.reshape(len(images), -1).all(axis=1))
-    raise ValueError(
-        f"{name} has {bad.size} images with NaN or infinite pixels (the "
-        f"first at index {bad[0]}); accepted: finite pixel values.")
+  if isinstance(images, data_lib.ScaledPixels):   # 8-bit: finite
+    found = images.value_range() if len(images) else None
+  else:
+    if not np.issubdtype(images.dtype, np.floating):
+      raise ValueError(f"{name} has images of dtype {images.dtype}; "
+                       "accepted: floating point (the loaders convert).")
+    finite = np.isfinite(images)
+    if not finite.all():
+      bad = np.flatnonzero(~finite.reshape(len(images), -1).all(axis=1))
+      raise ValueError(
+          f"{name} has {bad.size} images with NaN or infinite pixels (the "
+          f"first at index {bad[0]}); accepted: finite pixel values.")
+    found = (images.min(), images.max()) if len(images) else None
   lo, hi = config.objective.clip_min, config.objective.clip_max
-  if len(images) and (images.min() < lo or images.max() > hi):
+  if found is not None and (found[0] < lo or found[1] > hi):
     raise ValueError(
-        f"{name} has pixels in [{images.min():g}, {images.max():g}], outside "
+        f"{name} has pixels in [{found[0]:g}, {found[1]:g}], outside "
         f"the declared pixel range objective.clip_min={lo:g}, "
         f"objective.clip_max={hi:g}; set those to the data's range (e.g. "
         "0 and 255 for raw 8-bit pixels) or rescale the data.")
@@ -1174,9 +1178,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   # --- Check everything that can be checked before compiling. ---
   validate_config(config)
   num_devices = _num_devices(config)
+  # 8-bit training images stay 8-bit in memory; each batch is converted.
   train_x, train_y = data_lib.load_dataset(
       config.dataset.name, config.dataset.train_split,
-      data_dir=config.dataset.data_dir, pixel_max=config.dataset.pixel_max)
+      data_dir=config.dataset.data_dir, pixel_max=config.dataset.pixel_max,
+      keep_integers=True)
   test_x, test_y = data_lib.load_dataset(
       config.dataset.name, config.dataset.test_split,
       data_dir=config.dataset.data_dir, pixel_max=config.dataset.pixel_max)

@@ -41,6 +41,33 @@ def test_embedded_mnist_shapes_range_and_labels():
                                 * np.float32(1 / 255))
 
 
+def test_keep_integers_converts_each_batch_as_the_whole_split(tmp_path):
+  for name, pixel_max in (("embedded_mnist", None), ("embedded_mnist", 255.0)):
+    full, labels = data.load_dataset(name, "test", pixel_max=pixel_max)
+    kept, kept_labels = data.load_dataset(name, "test", pixel_max=pixel_max,
+                                          keep_integers=True)
+    assert isinstance(kept, data.ScaledPixels)
+    assert kept.stored.dtype == np.uint8 and kept.dtype == np.float32
+    assert kept.shape == full.shape and len(kept) == len(full)
+    np.testing.assert_array_equal(kept_labels, labels)
+    np.testing.assert_array_equal(np.asarray(kept), full)   # bit for bit
+    assert kept.value_range() == (float(full.min()), float(full.max()))
+    for (bx, by), (fx, fy) in zip(
+        data.batches(kept, labels, batch_size=64, seed=3, num_epochs=1),
+        data.batches(full, labels, batch_size=64, seed=3, num_epochs=1)):
+      assert bx.dtype == np.float32
+      np.testing.assert_array_equal(bx, fx)
+      np.testing.assert_array_equal(by, fy)
+  # Float sources stay float arrays.
+  np.savez(tmp_path / "f.npz", images=np.full((2, 2, 2, 1), 0.5, np.float32),
+           labels=np.array([0, 1]))
+  floats, _ = data.load_dataset(f"npz:{tmp_path / 'f.npz'}", "train",
+                                keep_integers=True)
+  assert isinstance(floats, np.ndarray) and floats.dtype == np.float32
+  with pytest.raises(ValueError, match="integer images; got dtype float32"):
+    data.ScaledPixels(floats, pixel_max=1.0)
+
+
 def test_embedded_mnist_bad_split():
   with pytest.raises(ValueError, match="'validation'.*'train', 'test'"):
     data.load_embedded_mnist("validation")

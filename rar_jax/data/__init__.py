@@ -19,6 +19,7 @@ from rar_jax.data.batching import epoch_permutation
 from rar_jax.data.batching import pad_batch
 from rar_jax.data.batching import shard_batch
 from rar_jax.data.sources import DATASET_NAMES
+from rar_jax.data.sources import ScaledPixels
 from rar_jax.data.sources import load_dataset
 from rar_jax.data.sources import load_embedded_mnist
 from rar_jax.data.sources import load_idx
@@ -31,6 +32,7 @@ from rar_jax.data.sources import to_float
 
 __all__ = [
     "DATASET_NAMES",
+    "ScaledPixels",
     "batches",
     "epoch_permutation",
     "load_dataset",
