@@ -1102,7 +1102,7 @@ def check_data(images, labels, config, *, split: str) -> None:
     ValueError: The train split of 'embedded_mnist' has pixels in [255, 255], outside the declared pixel range objective.clip_min=0, objective.clip_max=1; ...
   """
   name = f"The {split} split of {config.dataset.name!r}"
-  if isinstance(images, data_lib.ScaledPixels):   # 8-bit: finite
+  if isinstance(images, data_lib.ScaledPixels):   # uint8, pixel_max > 0
     found = images.value_range() if len(images) else None
   else:
     if not np.issubdtype(images.dtype, np.floating):

@@ -64,8 +64,15 @@ def test_keep_integers_converts_each_batch_as_the_whole_split(tmp_path):
   floats, _ = data.load_dataset(f"npz:{tmp_path / 'f.npz'}", "train",
                                 keep_integers=True)
   assert isinstance(floats, np.ndarray) and floats.dtype == np.float32
-  with pytest.raises(ValueError, match="integer images; got dtype float32"):
+  with pytest.raises(ValueError, match="uint8 images; got dtype float32"):
     data.ScaledPixels(floats, pixel_max=1.0)
+  with pytest.raises(ValueError, match="pixel_max must be a finite number > 0; "
+                     "got -1"):
+    data.ScaledPixels(np.zeros(2, np.uint8), pixel_max=-1)
+  # The range is the data's, not the nominal [0, pixel_max].
+  mid = data.ScaledPixels(np.array([10, 200, 37], np.uint8), pixel_max=1.0)
+  assert mid.value_range() == (float(np.float32(10) * np.float32(1 / 255)),
+                               float(np.float32(200) * np.float32(1 / 255)))
 
 
 def test_embedded_mnist_bad_split():

@@ -16,6 +16,7 @@ from jax import monitoring
 import numpy as np
 import pytest
 
+from rar_jax import data as data_lib
 from rar_jax import summary
 from rar_jax import train
 
@@ -242,9 +243,25 @@ def test_gtsrb_smoke_trains_on_prepared_npz_data(tmp_path):
              labels=rng.integers(0, 43, n).astype(np.int64))
   config = paper.get_config("gtsrb,ig_sum_norm,smoke")
   config.dataset.name = f"npz:{tmp_path}"
-  metrics = train.train_and_evaluate(config, str(tmp_path / "wd"))
+  loaded, original = [], data_lib.load_dataset
+
+  def load(*args, **kwargs):
+    images, labels = original(*args, **kwargs)
+    loaded.append(images)
+    return images, labels
+
+  with mock.patch.object(train.data_lib, "load_dataset", load):
+    metrics = train.train_and_evaluate(config, str(tmp_path / "wd"))
   assert metrics["step"] == 2
   assert np.isfinite(metrics["natural_accuracy"])
+  # The 8-bit train split stays 8-bit in memory; the test split is float32.
+  assert isinstance(loaded[0], data_lib.ScaledPixels)
+  assert isinstance(loaded[1], np.ndarray) and loaded[1].dtype == np.float32
+  # Pixels outside the declared box are refused from the stored extremes.
+  config.objective.clip_max = 1.0
+  with pytest.raises(ValueError, match=r"train split .* has pixels in "
+                     r"\[0, 255\], outside the declared pixel range"):
+    train.train_and_evaluate(config, str(tmp_path / "wd2"))
 
 
 def test_learning_rate_schedule_is_piecewise_constant():

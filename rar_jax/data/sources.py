@@ -15,8 +15,10 @@
 The default ranges are the paper's (MNIST and Fashion-MNIST in [0, 1], GTSRB
 and Flower in [0, 255]); `pixel_max` overrides them. Integer pixels are taken
 as 0..255 and scaled to [0, pixel_max]; float pixels stored in a `.npz` are
-returned unchanged. Nothing here downloads: tfds datasets must already be
-prepared in `data_dir` unless `download=True`.
+returned unchanged. With `keep_integers=True`, 8-bit images come back as a
+`ScaledPixels` that converts them row by row when indexed. Nothing here
+downloads: tfds datasets must already be prepared in `data_dir` unless
+`download=True`.
 
 References:
   Chen et al., "Robust Attribution Regularization", NeurIPS 2019 (spec Sec.
@@ -56,7 +58,8 @@ def load_dataset(name: str, split: str, *, data_dir: str | None = None,
                  pixel_max: float | None = None,
                  image_size: tuple[int, int] | None = None,
                  download: bool = False,
-                 keep_integers: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 keep_integers: bool = False
+                 ) -> tuple["np.ndarray | ScaledPixels", np.ndarray]:
   """Loads a whole split of a named dataset into host memory.
 
   Args:
@@ -137,7 +140,7 @@ def load_dataset(name: str, split: str, *, data_dir: str | None = None,
   if image_size is not None:
     images = resize_images(images, image_size)
   pixel_max = default_max if pixel_max is None else pixel_max
-  if keep_integers and np.issubdtype(images.dtype, np.integer):
+  if keep_integers and images.dtype == np.uint8:
     return ScaledPixels(images, pixel_max=pixel_max), labels
   return to_float(images, pixel_max=pixel_max), labels
 
@@ -151,8 +154,8 @@ class ScaledPixels:
   a quarter of the memory. `np.asarray(pixels)` converts everything.
 
   Attributes:
-    stored: the integer images, [N, H, W, C].
-    pixel_max: integer 255 maps to this.
+    stored: the uint8 images, [N, H, W, C].
+    pixel_max: 255 maps to this (a finite number > 0).
     shape: `stored.shape`.
     dtype: float32, the dtype that indexing returns.
 
@@ -170,9 +173,12 @@ class ScaledPixels:
   dtype = np.dtype(np.float32)
 
   def __init__(self, stored: np.ndarray, *, pixel_max: float):
-    if not np.issubdtype(stored.dtype, np.integer):
-      raise ValueError(f"ScaledPixels holds integer images; got dtype "
+    if stored.dtype != np.uint8:
+      raise ValueError(f"ScaledPixels holds uint8 images; got dtype "
                        f"{stored.dtype}.")
+    if not (np.isfinite(pixel_max) and pixel_max > 0):
+      raise ValueError(f"pixel_max must be a finite number > 0; got "
+                       f"{pixel_max}.")
     self.stored = stored
     self.pixel_max = pixel_max
     self.shape = stored.shape
@@ -185,7 +191,9 @@ class ScaledPixels:
     return to_float(np.asarray(self.stored[index]), pixel_max=self.pixel_max)
 
   def __array__(self, dtype=None, copy=None) -> np.ndarray:
-    del copy  # Always a new array.
+    if copy is False:
+      raise ValueError("ScaledPixels converts its images: np.asarray needs "
+                       "a copy (copy=False is not possible).")
     out = to_float(self.stored, pixel_max=self.pixel_max)
     return out if dtype is None else out.astype(dtype)
 
