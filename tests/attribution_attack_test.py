@@ -11,6 +11,7 @@ import pytest
 from rar_jax import metrics
 from rar_jax import models
 from rar_jax import runtime
+from rar_jax import attacks
 from rar_jax.attacks import attribution_attack, saliency_fn
 from rar_jax.data import load_embedded_mnist
 
@@ -138,6 +139,24 @@ def test_batched_attack_equals_one_example_at_a_time(trained):
       np.testing.assert_allclose(batched[name][i], one[name][0], atol=1e-5)
     np.testing.assert_allclose(batched["adv_inputs"][i], one["adv_inputs"][0],
                                atol=1e-6)
+
+
+def test_attack_chunk_size_rule_and_chunked_attack_agree(trained):
+  rule, limit = attacks.attack_chunk_size, attacks.CPU_IMAGES_AT_ONCE
+  assert rule(limit // 100, 100, "cpu") is None        # all points at once
+  assert rule(limit // 100 + 1, 100, "cpu") == 1       # then CPU chunks
+  assert rule(300, 100, "gpu") is None and rule(300, 100, "tpu") is None
+  # "auto" (here: all 16 points at once) and 4-point chunks: the same attack
+  # up to float rounding.
+  params, x, y = trained
+  auto = _attack(params, x[:4], y[:4])
+  chunked = _attack(params, x[:4], y[:4], chunk_size=4)
+  np.testing.assert_allclose(auto["clean_saliency"], chunked["clean_saliency"],
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(auto["kendall_tau"], chunked["kendall_tau"],
+                             atol=1e-4)
+  np.testing.assert_allclose(auto["adv_inputs"], chunked["adv_inputs"],
+                             atol=1e-5)
 
 
 def test_restarts_keep_the_worst_case(trained):

@@ -6,6 +6,8 @@
 """
 
 from rar_jax.attacks.attribution_attack import ATTACKS
+from rar_jax.attacks.attribution_attack import attack_chunk_size
+from rar_jax.attacks.attribution_attack import CPU_IMAGES_AT_ONCE
 from rar_jax.attacks.attribution_attack import attribution_attack
 from rar_jax.attacks.attribution_attack import SALIENCIES
 from rar_jax.attacks.attribution_attack import saliency_fn
@@ -15,6 +17,7 @@ from rar_jax.attacks.pgd_attack import project
 from rar_jax.attacks.pgd_attack import random_start
 
 __all__ = [
-    "ATTACKS", "SALIENCIES", "NORMS", "attribution_attack", "saliency_fn",
+    "ATTACKS", "SALIENCIES", "NORMS", "CPU_IMAGES_AT_ONCE", "attack_chunk_size",
+    "attribution_attack", "saliency_fn",
     "pgd", "project", "random_start",
 ]

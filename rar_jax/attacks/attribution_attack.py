@@ -49,6 +49,7 @@ import numpy as np
 from rar_jax import checks
 from rar_jax import metrics
 from rar_jax.attacks import pgd_attack
+from rar_jax.attribution import auto_chunk_size
 from rar_jax.attribution import gradient_saliency
 from rar_jax.attribution import integrated_gradients
 from rar_jax.attribution import saliency_map
@@ -57,6 +58,43 @@ Array = jax.Array
 
 ATTACKS = ("topk", "mass_center", "target", "random")
 SALIENCIES = ("ig", "gradient")
+# On CPU the attack evaluates all IG points at once up to this many images
+# (rows x points): measured faster and smaller than chunks (BUILD.md,
+# Performance, item 7).
+CPU_IMAGES_AT_ONCE = 4800
+
+
+def attack_chunk_size(num_rows: int, num_ig_steps: int,
+                      platform: Optional[str] = None) -> Optional[int]:
+  """What `chunk_size="auto"` means in the attack: IG points at once.
+
+  Differentiating a chunked IG stores every chunk's residuals in the scan,
+  so chunks do not bound the attack's memory; on CPU they cost time too.
+  So, on CPU: all points at once (None) while `num_rows * num_ig_steps <=
+  CPU_IMAGES_AT_ONCE` (the range measured), else
+  `attribution.auto_chunk_size`; on GPU/TPU that rule too (all points).
+
+  Args:
+    num_rows: examples times restarts, attacked at once.
+    num_ig_steps: IG points per saliency map.
+    platform: "cpu", "gpu", "tpu", ...; None: `jax.default_backend()`.
+
+  Returns:
+    An int chunk size, or None for all points at once.
+
+  References:
+    `BUILD.md`, "Performance", item 7 (the measurements behind the rule).
+
+  Example:
+    >>> attack_chunk_size(12, 100, "cpu") is None       # 1,200 images
+    True
+    >>> attack_chunk_size(300, 100, "cpu")              # 30,000: chunks
+    1
+  """
+  platform = platform or jax.default_backend()
+  if platform == "cpu" and num_rows * num_ig_steps <= CPU_IMAGES_AT_ONCE:
+    return None
+  return auto_chunk_size(num_rows, num_ig_steps, platform)
 
 
 def saliency_fn(apply_fn, params, labels, *, saliency="ig", num_ig_steps=100,
@@ -179,8 +217,8 @@ def attribution_attack(
     clip_min: lower end of the pixel box (None: open).
     clip_max: upper end of the pixel box (None: open).
     quantize: truncate pixels to integers after every step (GTSRB/Flower).
-    chunk_size: IG points evaluated at once (bounds memory), as in
-      `integrated_gradients` (None: all; "auto", the default: by device).
+    chunk_size: IG points evaluated at once, as in `integrated_gradients`
+      (None: all; "auto", the default: `attack_chunk_size`).
 
   Returns:
     A dict of arrays with a leading `[N]` axis:
@@ -266,6 +304,8 @@ def attribution_attack(
   r = num_restarts
   tile = lambda v: jnp.tile(v, (r,) + (1,) * (v.ndim - 1))
   xs, ys = tile(inputs), tile(labels)
+  if isinstance(chunk_size, str) and chunk_size == "auto":
+    chunk_size = attack_chunk_size(len(xs), num_ig_steps)
   sal_kw = dict(saliency=saliency, num_ig_steps=num_ig_steps,
                 chunk_size=chunk_size)
   measure = saliency_fn(apply_fn, params, ys, **sal_kw)
@@ -347,4 +387,5 @@ def _project(x, centres, epsilon, clip_min, clip_max, quantize):
   return jnp.trunc(x) if quantize else x
 
 
-__all__ = ["ATTACKS", "SALIENCIES", "attribution_attack", "saliency_fn"]
+__all__ = ["ATTACKS", "SALIENCIES", "CPU_IMAGES_AT_ONCE", "attack_chunk_size",
+           "attribution_attack", "saliency_fn"]
