@@ -977,12 +977,12 @@ class _StopRequests:
     """
     if jax.process_count() == 1:
       return self.signum
-    previous, self._in_flight = self._in_flight, self._agreement()
+    agreed = self._agreement()
     if wait:
-      previous, self._in_flight = self._in_flight, None
-    if previous is None:
-      return None
-    return int(previous) or None
+      self._in_flight = None
+    else:
+      agreed, self._in_flight = self._in_flight, agreed
+    return None if agreed is None else int(agreed) or None
 
   def _agreement(self) -> jax.Array:
     """Dispatches the maximum of every process's signal number (0: none)."""

@@ -304,7 +304,7 @@ def attribution_attack(
   r = num_restarts
   tile = lambda v: jnp.tile(v, (r,) + (1,) * (v.ndim - 1))
   xs, ys = tile(inputs), tile(labels)
-  if isinstance(chunk_size, str) and chunk_size == "auto":
+  if chunk_size == "auto":
     chunk_size = attack_chunk_size(len(xs), num_ig_steps)
   sal_kw = dict(saliency=saliency, num_ig_steps=num_ig_steps,
                 chunk_size=chunk_size)

@@ -69,13 +69,14 @@ def draw_params(rng: np.random.RandomState, n: int, height: int) -> dict:
     ((2, 8), True)
   """
   u = rng.random_sample((n, DRAWS_PER_IMAGE))
-  d = (height * 0.3) * (0.0 + (MAX_WARP - 0.0) * u[:, 3])
+  uniform = lambda low, high, v: low + (high - low) * v   # as RandomState
+  d = (height * 0.3) * uniform(0.0, MAX_WARP, u[:, 3])
   return {
-      "angle": -MAX_ANGLE + (MAX_ANGLE - -MAX_ANGLE) * u[:, 0],
+      "angle": uniform(-MAX_ANGLE, MAX_ANGLE, u[:, 0]),
       "tx": MAX_TRANS * u[:, 1] - MAX_TRANS / 2,
       "ty": MAX_TRANS * u[:, 2] - MAX_TRANS / 2,
       "d": d,
-      "corners": -d[:, None] + (d[:, None] - -d[:, None]) * u[:, 4:],
+      "corners": uniform(-d[:, None], d[:, None], u[:, 4:]),
   }
 
 
@@ -311,7 +312,7 @@ def distort(images: np.ndarray, params: dict) -> np.ndarray:
     >>> y.shape, y.dtype
     ((2, 8, 8, 3), dtype('uint8'))
   """
-  b, height, width, _ = images.shape
+  _, height, width, _ = images.shape
   x = images * (1.0 / 255.0)   # skimage's img_as_float, bit for bit
   x = warp_edge(x, np.stack([rotation_matrix(a, height, width)
                              for a in params["angle"]]))
