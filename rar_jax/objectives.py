@@ -38,6 +38,7 @@ import numpy as np
 
 from rar_jax import checks
 from rar_jax.attacks import pgd_attack as pgd_lib
+from rar_jax.attribution import auto_chunk_size
 from rar_jax.attribution import integrated_gradients
 
 Array = jax.Array
@@ -45,6 +46,10 @@ Array = jax.Array
 REDUCTIONS = ("sum", "mean")
 HYPER_KEYS = ("epsilon", "step_size", "num_steps", "m", "approx_factor", "lam",
               "gamma", "clip_min", "clip_max", "reduction")
+# The inner maximisations trace IG's chunks one after another (no `lax.scan`)
+# up to this many chunks; each chunk adds ~0.4 s of compile time for the
+# MNIST CNN. Measured on CPU: 5, 10 and 20 chunks (BUILD.md, Performance).
+MAX_UNROLLED_CHUNKS = 20
 
 
 def cross_entropy(logits: Array, labels: Array) -> Array:
@@ -171,16 +176,52 @@ def _defaults(hyper):
   return out
 
 
-def _loss_ig(apply_fn, params, inputs, labels, adv_inputs, num_steps):
+def unroll_inner_ig(batch_size: int, num_points: int,
+                    platform: str | None = None) -> bool:
+  """Whether an inner maximisation's IG traces its chunks one by one.
+
+  The inner maximisations (PGD on the IG norm) differentiate IG in the
+  inputs only. There, on CPU, IG's chunks traced one after another
+  (`integrated_gradients(..., unroll_chunks=True)`) ran PGD 0.64-0.72x as
+  long as a `lax.scan` over them, with 5-20 chunks of the MNIST CNN; the
+  outer losses, differentiated in the parameters, keep the scan (unrolled,
+  1.16-1.37x as long). True when `chunk_size="auto"` makes chunks
+  (`auto_chunk_size`: CPU only) and at most `MAX_UNROLLED_CHUNKS` of them.
+
+  Args:
+    batch_size: examples per call, `N`.
+    num_points: the inner IG's path points, `m / approx_factor`.
+    platform: "cpu", "gpu", "tpu", ...; None: `jax.default_backend()`.
+
+  Returns:
+    True to unroll the inner IG's chunks.
+
+  References:
+    `BUILD.md`, "Performance", item 8 (the measurements behind the rule).
+
+  Example:
+    >>> unroll_inner_ig(50, 10, "cpu"), unroll_inner_ig(50, 100, "cpu")
+    (True, False)
+    >>> unroll_inner_ig(50, 10, "gpu")     # all points at once: no chunks
+    False
+  """
+  chunk = auto_chunk_size(batch_size, num_points, platform)
+  return chunk is not None and num_points // chunk <= MAX_UNROLLED_CHUNKS
+
+
+def _loss_ig(apply_fn, params, inputs, labels, adv_inputs, num_steps,
+             inner=False):
   """IG of the loss along the path from the natural inputs to `adv_inputs`.
 
   `IG(x, x') = (x' - x) * (1/n) sum_{k=1..n} grad l_y(x + (k/n)(x' - x))`,
   differentiable in `params` (the outer loss) and in `adv_inputs` (the inner
-  maximisation).
+  maximisation, `inner=True`: chunks unrolled as `unroll_inner_ig` says).
   """
   loss_y = lambda z: cross_entropy(apply_fn(params, z), labels)
+  unroll = inner and unroll_inner_ig(np.shape(adv_inputs)[0], num_steps)
   return integrated_gradients(loss_y, adv_inputs, baselines=inputs,
-                              num_steps=num_steps, method="riemann_right")
+                              num_steps=num_steps, method="riemann_right",
+                              unroll_chunks=unroll)
 
 
 def _aux(ce, adv_ce, reg, adv_inputs, logits):
@@ -345,7 +386,7 @@ def ig_norm(apply_fn, params, inputs, labels, *, key, **hyper):
   hyper = _defaults(hyper)
   m, c = hyper["m"], hyper["approx_factor"]
   inner = lambda x_adv: _l1(_loss_ig(apply_fn, params, inputs, labels, x_adv,
-                                     m // c))
+                                     m // c, inner=True))
   adv = pgd_lib.pgd(inner, inputs, key=key, **_attack_kwargs(hyper))
   logits = apply_fn(params, inputs)
   ce = cross_entropy(logits, labels)
@@ -393,7 +434,7 @@ def ig_sum_norm(apply_fn, params, inputs, labels, *, key, **hyper):
   ce_fn = lambda x: cross_entropy(apply_fn(params, x), labels)
 
   def inner(x_adv):
-    ig = _loss_ig(apply_fn, params, inputs, labels, x_adv, m // c)
+    ig = _loss_ig(apply_fn, params, inputs, labels, x_adv, m // c, inner=True)
     return ce_fn(x_adv) + beta * _l1(ig)
 
   adv = pgd_lib.pgd(inner, inputs, key=key, **_attack_kwargs(hyper))
@@ -460,7 +501,7 @@ def ig_wasserstein(apply_fn, params, inputs, labels, *, key, **hyper):
   # proximal step of the quadratic penalty, which shrinks the displacement by
   # 1 / (1 + 2 gamma a). Plain gradient ascent diverges once gamma * a >= 1.
   ig_grad = jax.grad(lambda x: jnp.sum(_l1(_loss_ig(
-      apply_fn, params, inputs, labels, x, m // c))))
+      apply_fn, params, inputs, labels, x, m // c, inner=True))))
   step_size = hyper["step_size"]
   shrink = 1.0 / (1.0 + 2.0 * gamma * step_size)
 
@@ -598,5 +639,6 @@ def loss(objective, apply_fn, params, inputs, labels, *, key=None, **hyper):
 __all__ = [
     "OBJECTIVES", "HYPER_KEYS", "REDUCTIONS", "cross_entropy", "natural",
     "madry", "trades", "ig_norm", "ig_sum_norm", "ig_wasserstein",
-    "get_objective", "check_hyper", "reduce_loss", "loss",
+    "get_objective", "check_hyper", "reduce_loss", "loss", "unroll_inner_ig",
+    "MAX_UNROLLED_CHUNKS",
 ]

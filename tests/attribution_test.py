@@ -181,6 +181,44 @@ def test_auto_chunking_equals_all_at_once():
                               atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_size", [3, 4])   # 5 chunks + 1 point; 4 even
+def test_unrolled_chunks_equal_the_scan_to_second_order(chunk_size,
+                                                       count_scans):
+  """`unroll_chunks=True` traces no scan and gives the scan's values, input
+  gradients (what the inner maximisations use) and, through the gradient of
+  the IG norm in the inputs, parameter gradients: a second derivative."""
+  params = _mlp_params(7)
+  x, b = _normal(8, (4, 6)), _normal(9, (6,))
+
+  def norm(p, x, unroll):
+    f = functools.partial(_mlp, p)
+    return jnp.sum(jnp.abs(integrated_gradients(
+        f, x, b, num_steps=16, chunk_size=chunk_size, unroll_chunks=unroll)))
+
+  def input_grad_norm(p, unroll):   # parameters through d/dx ||IG||_1
+    return jnp.sum(jnp.abs(jax.grad(norm, argnums=1)(p, x, unroll)))
+
+  assert count_scans(lambda p: norm(p, x, False), params) == 1
+  assert count_scans(lambda p: norm(p, x, True), params) == 0
+  f = functools.partial(_mlp, params)
+  np.testing.assert_allclose(
+      integrated_gradients(f, x, b, num_steps=16, chunk_size=chunk_size,
+                           unroll_chunks=True),
+      integrated_gradients(f, x, b, num_steps=16, chunk_size=chunk_size),
+      rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(jax.grad(norm, argnums=1)(params, x, True),
+                             jax.grad(norm, argnums=1)(params, x, False),
+                             rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(jax.grad(input_grad_norm)(params, True),
+                              jax.grad(input_grad_norm)(params, False),
+                              rtol=1e-5, atol=1e-6)
+  # Without chunks there is nothing to unroll: the same one-vmap program.
+  np.testing.assert_array_equal(
+      integrated_gradients(f, x, b, num_steps=16, chunk_size=None,
+                           unroll_chunks=True),
+      integrated_gradients(f, x, b, num_steps=16, chunk_size=None))
+
+
 def test_per_example_baselines_match_one_at_a_time():
   params = _mlp_params(10)
   f = functools.partial(_mlp, params)
@@ -328,6 +366,8 @@ def test_saliency_map():
      r"chunk_size=0"),
     (lambda f, x: integrated_gradients(f, x, chunk_size="big"),
      r"chunk_size='big' .* None \(all points at once\), 'auto' or an int"),
+    (lambda f, x: integrated_gradients(f, x, unroll_chunks="yes"),
+     r"unroll_chunks='yes' is not accepted; it must be a bool"),
     (lambda f, x: integrated_gradients(lambda z: z, x),
      r"returned shape \(2, 3\)"),
     (lambda f, x: integrated_gradients(lambda z: jnp.sum(z), x),

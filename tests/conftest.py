@@ -15,6 +15,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 _FLAG = "--xla_force_host_platform_device_count=4"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
@@ -52,3 +54,21 @@ def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argu
     return (_LONGEST_FIRST.index(name) if name in _LONGEST_FIRST
             else len(_LONGEST_FIRST))
   items.sort(key=rank)  # Stable: the order within a file is kept.
+
+
+@pytest.fixture
+def count_scans():
+  """`count_scans(fn, *args)`: the `scan` primitives in `fn`'s jaxpr, nested
+  ones (inside loops, jits, custom rules) included."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.extend import core as jex_core  # pylint: disable=g-import-not-at-top
+
+  def count(jaxpr):
+    n = 0
+    for eqn in jaxpr.eqns:
+      n += eqn.primitive.name == "scan"
+      for sub in jex_core.jaxprs_in_params(eqn.params):
+        n += count(sub)
+    return n
+
+  return lambda fn, *args: count(jax.make_jaxpr(fn)(*args).jaxpr)

@@ -1,6 +1,7 @@
 """Tests of rar_jax.objectives: the paper's closed forms and identities."""
 
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,14 +132,18 @@ def _cnn_apply(params, x):
   return h.reshape(h.shape[0], -1) @ params["dense"]
 
 
-@pytest.fixture(scope="module")
-def cnn_batch():
+def _cnn_batch(n):
   # One compiled program, not one threefry kernel per draw (runtime.run_once).
   params, x = runtime.run_once(
-      lambda k1, k2: (_cnn_params(k1), jax.random.uniform(k2, (4, 8, 8, 1))),
+      lambda k1, k2: (_cnn_params(k1), jax.random.uniform(k2, (n, 8, 8, 1))),
       jax.random.key(3), jax.random.key(4))
-  y = jnp.array([0, 1, 2, 1])
+  y = jnp.array([0, 1, 2, 1] * (n // 4))
   return params, x, y
+
+
+@pytest.fixture(scope="module")
+def cnn_batch():
+  return _cnn_batch(4)
 
 
 HYPER = dict(epsilon=0.1, step_size=0.03, num_steps=5, m=20, approx_factor=5)
@@ -199,6 +204,49 @@ def test_inner_ig_uses_every_approx_factor_th_point(cnn_batch):
   np.testing.assert_allclose(
       objectives._loss_ig(_cnn_apply, params, x, y, x_adv, m // c), manual,
       rtol=1e-5, atol=1e-8)
+
+
+def test_unroll_inner_ig_rule():
+  most = objectives.MAX_UNROLLED_CHUNKS
+  assert objectives.unroll_inner_ig(50, 10, "cpu")          # 10 chunks of 1
+  assert objectives.unroll_inner_ig(50, most, "cpu")
+  assert not objectives.unroll_inner_ig(50, most + 1, "cpu")
+  assert not objectives.unroll_inner_ig(50, 100, "cpu")     # the IG row: scan
+  assert not objectives.unroll_inner_ig(4, 10, "cpu")       # no chunks at all
+  for platform in ("gpu", "tpu"):                           # no chunks
+    assert not objectives.unroll_inner_ig(50, 10, platform)
+
+
+@pytest.mark.parametrize("name", ["ig_norm", "ig_sum_norm", "ig_wasserstein"])
+def test_unrolled_inner_ig_gives_the_scan_results(name, monkeypatch,
+                                                  count_scans):
+  """On CPU with chunks, the inner maximisation traces IG's chunks one by
+  one; the adversarial points, the loss and its parameter gradient are those
+  of the scan form. The outer IG (m points) keeps its scan."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the inner IG unrolls its chunks on CPU only")
+  params, x, y = _cnn_batch(32)
+  hyper = dict(HYPER, lam=0.5, gamma=1.0)   # inner: 4 points, 2 per chunk
+  assert objectives.unroll_inner_ig(32, hyper["m"] // hyper["approx_factor"])
+
+  def results():
+    # A new function each time: JAX caches traces by function.
+    run = lambda p: objectives.loss(name, _cnn_apply, p, x, y,
+                                    key=jax.random.key(9), **hyper)
+    return jax.jit(jax.grad(run, has_aux=True))(params), count_scans(
+        run, params)
+
+  unrolled, unrolled_scans = results()
+  monkeypatch.setattr(objectives, "unroll_inner_ig", lambda *a, **k: False)
+  scanned, scans = results()
+  # The PGD loop and the outer IG; the inner IG's forward and transposed
+  # scans come on top without unrolling.
+  assert (unrolled_scans, scans) == (2, 4)
+  np.testing.assert_allclose(unrolled[1]["adv_inputs"],
+                             scanned[1]["adv_inputs"], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(unrolled[1]["loss"], scanned[1]["loss"],
+                             rtol=1e-6)
+  chex.assert_trees_all_close(unrolled[0], scanned[0], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
