@@ -44,6 +44,11 @@ METHODS = ("riemann_right", "riemann_left", "riemann_middle",
 # 64 was 1.3x faster in chunks of one point than as one vmap of 6,400 images,
 # and the gradient of an IG norm (training) 7.7x (BUILD.md, "Performance").
 CPU_IMAGES_PER_CHUNK = 64
+# An IG differentiated in its inputs (the objectives' inner maximisations, the
+# attribution attack) traces at most this many chunks one after another on
+# CPU (`unrolled_chunk_size`); each costs compile time (~0.4 s for the MNIST
+# CNN). Measured with 5-20 chunks (BUILD.md, Performance, item 8).
+MAX_UNROLLED_CHUNKS = 20
 
 
 def _rule(method, num_steps):
@@ -158,6 +163,43 @@ def auto_chunk_size(batch_size: int, num_steps: int,
   return max(d for d in range(1, limit + 1) if num_steps % d == 0)
 
 
+def unrolled_chunk_size(batch_size: int, num_steps: int,
+                        platform: Optional[str] = None) -> Optional[int]:
+  """Chunks for an IG that is differentiated in its inputs, to be unrolled.
+
+  `auto_chunk_size`'s chunks, made coarser where needed so that there are at
+  most `MAX_UNROLLED_CHUNKS` of them; pass the result with
+  `unroll_chunks=True`. Differentiated in the inputs (PGD on an IG norm, the
+  attribution attack), IG ran 0.64-0.72x as long on CPU with its chunks
+  unrolled as with a `lax.scan` over them, and 0.80-0.87x as long as with
+  all points at once. GPU/TPU: None, as `auto_chunk_size`.
+
+  Args:
+    batch_size: examples per call, `N`.
+    num_steps: path points `m`.
+    platform: "cpu", "gpu", "tpu", ...; None: `jax.default_backend()`.
+
+  Returns:
+    An int chunk size `< num_steps` (a divisor, at least `num_steps /
+    MAX_UNROLLED_CHUNKS`), or None for all points at once.
+
+  References:
+    `BUILD.md`, "Performance", item 8 (the measurements behind the rule).
+
+  Example:
+    >>> unrolled_chunk_size(50, 10, "cpu"), unrolled_chunk_size(50, 100, "cpu")
+    (1, 5)
+    >>> unrolled_chunk_size(50, 10, "gpu") is None
+    True
+  """
+  chunk = auto_chunk_size(batch_size, num_steps, platform)
+  if chunk is None:
+    return None
+  chunk = min(d for d in range(chunk, num_steps + 1)
+              if num_steps % d == 0 and num_steps // d <= MAX_UNROLLED_CHUNKS)
+  return None if chunk == num_steps else chunk
+
+
 def _check_per_example_fn(f, inputs, name="f"):
   out = jax.eval_shape(f, jax.ShapeDtypeStruct(np.shape(inputs),
                                                jnp.result_type(inputs)))
@@ -221,8 +263,8 @@ def integrated_gradients(
   independent chunks' ops side by side. On CPU that made PGD on the IG norm
   (the training objectives' inner maximisation, a gradient in the inputs)
   0.64-0.72x as long, and gradients in the parameters 1.16-1.37x as long
-  (`objectives.unroll_inner_ig` picks it for the former). The values are the
-  same, summed in the same order.
+  (`unrolled_chunk_size` gives the chunks for the former). The values are
+  the same, summed in the same order.
 
   Nothing is stopped: the result can be differentiated with respect to the
   parameters `f` closes over, to `inputs` and to `baselines` (this is the
@@ -473,7 +515,8 @@ def saliency_map(attributions: Array) -> Array:
 
 
 __all__ = [
-    "METHODS", "CPU_IMAGES_PER_CHUNK", "auto_chunk_size", "path_points",
+    "METHODS", "CPU_IMAGES_PER_CHUNK", "MAX_UNROLLED_CHUNKS", "auto_chunk_size",
+    "unrolled_chunk_size", "path_points",
     "integrated_gradients", "gradient_saliency",
     "smoothgrad", "saliency_map",
 ]

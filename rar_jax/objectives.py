@@ -38,18 +38,14 @@ import numpy as np
 
 from rar_jax import checks
 from rar_jax.attacks import pgd_attack as pgd_lib
-from rar_jax.attribution import auto_chunk_size
 from rar_jax.attribution import integrated_gradients
+from rar_jax.attribution import unrolled_chunk_size
 
 Array = jax.Array
 
 REDUCTIONS = ("sum", "mean")
 HYPER_KEYS = ("epsilon", "step_size", "num_steps", "m", "approx_factor", "lam",
               "gamma", "clip_min", "clip_max", "reduction")
-# The inner maximisations trace IG's chunks one after another (no `lax.scan`)
-# up to this many chunks; each chunk adds ~0.4 s of compile time for the
-# MNIST CNN. Measured on CPU: 5, 10 and 20 chunks (BUILD.md, Performance).
-MAX_UNROLLED_CHUNKS = 20
 
 
 def cross_entropy(logits: Array, labels: Array) -> Array:
@@ -176,52 +172,25 @@ def _defaults(hyper):
   return out
 
 
-def unroll_inner_ig(batch_size: int, num_points: int,
-                    platform: str | None = None) -> bool:
-  """Whether an inner maximisation's IG traces its chunks one by one.
-
-  The inner maximisations (PGD on the IG norm) differentiate IG in the
-  inputs only. There, on CPU, IG's chunks traced one after another
-  (`integrated_gradients(..., unroll_chunks=True)`) ran PGD 0.64-0.72x as
-  long as a `lax.scan` over them, with 5-20 chunks of the MNIST CNN; the
-  outer losses, differentiated in the parameters, keep the scan (unrolled,
-  1.16-1.37x as long). True when `chunk_size="auto"` makes chunks
-  (`auto_chunk_size`: CPU only) and at most `MAX_UNROLLED_CHUNKS` of them.
-
-  Args:
-    batch_size: examples per call, `N`.
-    num_points: the inner IG's path points, `m / approx_factor`.
-    platform: "cpu", "gpu", "tpu", ...; None: `jax.default_backend()`.
-
-  Returns:
-    True to unroll the inner IG's chunks.
-
-  References:
-    `BUILD.md`, "Performance", item 8 (the measurements behind the rule).
-
-  Example:
-    >>> unroll_inner_ig(50, 10, "cpu"), unroll_inner_ig(50, 100, "cpu")
-    (True, False)
-    >>> unroll_inner_ig(50, 10, "gpu")     # all points at once: no chunks
-    False
-  """
-  chunk = auto_chunk_size(batch_size, num_points, platform)
-  return chunk is not None and num_points // chunk <= MAX_UNROLLED_CHUNKS
-
-
 def _loss_ig(apply_fn, params, inputs, labels, adv_inputs, num_steps,
              inner=False):
   """IG of the loss along the path from the natural inputs to `adv_inputs`.
 
   `IG(x, x') = (x' - x) * (1/n) sum_{k=1..n} grad l_y(x + (k/n)(x' - x))`,
-  differentiable in `params` (the outer loss) and in `adv_inputs` (the inner
-  maximisation, `inner=True`: chunks unrolled as `unroll_inner_ig` says).
+  differentiable in `params` (the outer loss: IG's default chunks, a
+  `lax.scan` on CPU) and in `adv_inputs` (the inner maximisation,
+  `inner=True`: `attribution.unrolled_chunk_size`'s chunks, unrolled, which
+  on CPU ran PGD 0.64-0.72x as long; BUILD.md, Performance, item 8).
   """
   loss_y = lambda z: cross_entropy(apply_fn(params, z), labels)
-  unroll = inner and unroll_inner_ig(np.shape(adv_inputs)[0], num_steps)
+  kw = {}
+  if inner:
+    kw = dict(chunk_size=unrolled_chunk_size(np.shape(adv_inputs)[0],
+                                             num_steps),
+              unroll_chunks=True)
   return integrated_gradients(loss_y, adv_inputs, baselines=inputs,
                               num_steps=num_steps, method="riemann_right",
-                              unroll_chunks=unroll)
+                              **kw)
 
 
 def _aux(ce, adv_ce, reg, adv_inputs, logits):
@@ -639,6 +608,5 @@ def loss(objective, apply_fn, params, inputs, labels, *, key=None, **hyper):
 __all__ = [
     "OBJECTIVES", "HYPER_KEYS", "REDUCTIONS", "cross_entropy", "natural",
     "madry", "trades", "ig_norm", "ig_sum_norm", "ig_wasserstein",
-    "get_objective", "check_hyper", "reduce_loss", "loss", "unroll_inner_ig",
-    "MAX_UNROLLED_CHUNKS",
+    "get_objective", "check_hyper", "reduce_loss", "loss",
 ]

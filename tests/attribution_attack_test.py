@@ -141,22 +141,36 @@ def test_batched_attack_equals_one_example_at_a_time(trained):
                                atol=1e-6)
 
 
-def test_attack_chunk_size_rule_and_chunked_attack_agree(trained):
+def test_attack_chunk_size_rule_and_chunked_attack_agree(trained,
+                                                       count_scans):
   rule, limit = attacks.attack_chunk_size, attacks.CPU_IMAGES_AT_ONCE
-  assert rule(limit // 100, 100, "cpu") is None        # all points at once
-  assert rule(limit // 100 + 1, 100, "cpu") == 1       # then CPU chunks
+  assert rule(limit // 100, 100, "cpu") == 5           # 20 chunks, unrolled
+  assert rule(limit // 100 + 1, 100, "cpu") == 1       # then a scan of 100
+  assert rule(4, 100, "cpu") == 10                     # auto: 64 // 4 images
+  assert rule(4, 16, "cpu") is None                    # auto: no chunks
   assert rule(300, 100, "gpu") is None and rule(300, 100, "tpu") is None
-  # "auto" (here: all 16 points at once) and 4-point chunks: the same attack
-  # up to float rounding.
+  # "auto" (here: 4 rows, all 16 points at once; 8 rows, 2 chunks of 8,
+  # unrolled), all at once, and 4-point chunks in a scan: the same attack up
+  # to float rounding.
   params, x, y = trained
-  auto = _attack(params, x[:4], y[:4])
-  chunked = _attack(params, x[:4], y[:4], chunk_size=4)
-  np.testing.assert_allclose(auto["clean_saliency"], chunked["clean_saliency"],
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(auto["kendall_tau"], chunked["kendall_tau"],
-                             atol=1e-4)
-  np.testing.assert_allclose(auto["adv_inputs"], chunked["adv_inputs"],
-                             atol=1e-5)
+  assert rule(8, ATTACK["num_ig_steps"], "cpu") == 8
+  # Unrolled: no scans for the chunks. In scans, 2 chunks add 4: the clean
+  # and adversarial saliencies, the surrogate's and its transpose.
+  scans = {c: count_scans(functools.partial(
+      attribution_attack, _apply, **dict(ATTACK, chunk_size=c)),
+                          params, x[:8], y[:8]) for c in ("auto", 8)}
+  assert scans["auto"] + 4 == scans[8]
+  for n in (4, 8):
+    auto = _attack(params, x[:n], y[:n])
+    for other in (_attack(params, x[:n], y[:n], chunk_size=4),
+                  _attack(params, x[:n], y[:n], chunk_size=None)):
+      np.testing.assert_allclose(auto["clean_saliency"],
+                                 other["clean_saliency"], rtol=1e-5,
+                                 atol=1e-6)
+      np.testing.assert_allclose(auto["kendall_tau"], other["kendall_tau"],
+                                 atol=1e-4)
+      np.testing.assert_allclose(auto["adv_inputs"], other["adv_inputs"],
+                                 atol=1e-5)
 
 
 def test_restarts_keep_the_worst_case(trained):

@@ -157,6 +157,21 @@ def test_auto_chunk_size_by_platform():
       1, 100, jax.default_backend())
 
 
+def test_unrolled_chunk_size_rule():
+  rule, most = attribution.unrolled_chunk_size, attribution.MAX_UNROLLED_CHUNKS
+  assert most == 20
+  assert rule(50, 10, "cpu") == 1      # auto_chunk_size's 10 chunks of 1
+  assert rule(50, 20, "cpu") == 1      # 20 chunks: as many as unroll
+  assert rule(50, 21, "cpu") == 3      # 21 of 1 -> 7 of 3
+  assert rule(50, 100, "cpu") == 5     # 100 of 1 -> 20 of 5
+  assert rule(12, 100, "cpu") == 5     # auto: 5 (<= 64 // 12 images)
+  assert rule(3, 100, "cpu") == 20     # auto: 20, 5 chunks
+  assert rule(1, 97, "cpu") is None    # 97 of 1 -> one chunk: all at once
+  assert rule(4, 10, "cpu") is None    # auto: no chunks
+  for platform in ("gpu", "tpu"):
+    assert rule(50, 100, platform) is None
+
+
 def test_auto_chunking_equals_all_at_once():
   """The default ("auto": chunks of CPU_IMAGES_PER_CHUNK // N points on CPU,
   a lax.scan) gives the one-vmap result, also through a second derivative."""

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rar_jax import attribution
 from rar_jax import objectives
 from rar_jax import runtime
 from rar_jax.objectives import OBJECTIVES, cross_entropy
@@ -206,17 +207,6 @@ def test_inner_ig_uses_every_approx_factor_th_point(cnn_batch):
       rtol=1e-5, atol=1e-8)
 
 
-def test_unroll_inner_ig_rule():
-  most = objectives.MAX_UNROLLED_CHUNKS
-  assert objectives.unroll_inner_ig(50, 10, "cpu")          # 10 chunks of 1
-  assert objectives.unroll_inner_ig(50, most, "cpu")
-  assert not objectives.unroll_inner_ig(50, most + 1, "cpu")
-  assert not objectives.unroll_inner_ig(50, 100, "cpu")     # the IG row: scan
-  assert not objectives.unroll_inner_ig(4, 10, "cpu")       # no chunks at all
-  for platform in ("gpu", "tpu"):                           # no chunks
-    assert not objectives.unroll_inner_ig(50, 10, platform)
-
-
 @pytest.mark.parametrize("name", ["ig_norm", "ig_sum_norm", "ig_wasserstein"])
 def test_unrolled_inner_ig_gives_the_scan_results(name, monkeypatch,
                                                   count_scans):
@@ -227,7 +217,7 @@ def test_unrolled_inner_ig_gives_the_scan_results(name, monkeypatch,
     pytest.skip("the inner IG unrolls its chunks on CPU only")
   params, x, y = _cnn_batch(32)
   hyper = dict(HYPER, lam=0.5, gamma=1.0)   # inner: 4 points, 2 per chunk
-  assert objectives.unroll_inner_ig(32, hyper["m"] // hyper["approx_factor"])
+  assert attribution.unrolled_chunk_size(32, 4) == 2
 
   def results():
     # A new function each time: JAX caches traces by function.
@@ -237,7 +227,9 @@ def test_unrolled_inner_ig_gives_the_scan_results(name, monkeypatch,
         run, params)
 
   unrolled, unrolled_scans = results()
-  monkeypatch.setattr(objectives, "unroll_inner_ig", lambda *a, **k: False)
+  ig = objectives.integrated_gradients
+  monkeypatch.setattr(objectives, "integrated_gradients",
+                      lambda *a, **k: ig(*a, **dict(k, unroll_chunks=False)))
   scanned, scans = results()
   # The PGD loop and the outer IG; the inner IG's forward and transposed
   # scans come on top without unrolling.

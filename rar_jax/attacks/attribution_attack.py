@@ -49,18 +49,19 @@ import numpy as np
 from rar_jax import checks
 from rar_jax import metrics
 from rar_jax.attacks import pgd_attack
+from rar_jax.attribution import MAX_UNROLLED_CHUNKS
 from rar_jax.attribution import auto_chunk_size
 from rar_jax.attribution import gradient_saliency
 from rar_jax.attribution import integrated_gradients
 from rar_jax.attribution import saliency_map
+from rar_jax.attribution import unrolled_chunk_size
 
 Array = jax.Array
 
 ATTACKS = ("topk", "mass_center", "target", "random")
 SALIENCIES = ("ig", "gradient")
-# On CPU the attack evaluates all IG points at once up to this many images
-# (rows x points): measured faster and smaller than chunks (BUILD.md,
-# Performance, item 7).
+# On CPU the attack unrolls its IG chunks up to this many images (rows x
+# points), the range measured (BUILD.md, Performance, items 7 and 8).
 CPU_IMAGES_AT_ONCE = 4800
 
 
@@ -68,11 +69,14 @@ def attack_chunk_size(num_rows: int, num_ig_steps: int,
                       platform: Optional[str] = None) -> Optional[int]:
   """What `chunk_size="auto"` means in the attack: IG points at once.
 
-  Differentiating a chunked IG stores every chunk's residuals in the scan,
-  so chunks do not bound the attack's memory; on CPU they cost time too.
-  So, on CPU: all points at once (None) while `num_rows * num_ig_steps <=
-  CPU_IMAGES_AT_ONCE` (the range measured), else
-  `attribution.auto_chunk_size`; on GPU/TPU that rule too (all points).
+  Differentiating a chunked IG stores every chunk's residuals, so chunks do
+  not bound the attack's memory; in a `lax.scan` on CPU they cost time too.
+  So, on CPU, while `num_rows * num_ig_steps <= CPU_IMAGES_AT_ONCE` (the
+  range measured): `attribution.unrolled_chunk_size`, at most
+  `MAX_UNROLLED_CHUNKS` chunks that the attack unrolls (0.80-0.87x the time
+  of all points at once); beyond, `attribution.auto_chunk_size`; on GPU/TPU
+  that rule too (all points). The attack unrolls whenever there are at most
+  `MAX_UNROLLED_CHUNKS` chunks.
 
   Args:
     num_rows: examples times restarts, attacked at once.
@@ -86,19 +90,21 @@ def attack_chunk_size(num_rows: int, num_ig_steps: int,
     `BUILD.md`, "Performance", item 7 (the measurements behind the rule).
 
   Example:
-    >>> attack_chunk_size(12, 100, "cpu") is None       # 1,200 images
-    True
-    >>> attack_chunk_size(300, 100, "cpu")              # 30,000: chunks
+    >>> attack_chunk_size(12, 100, "cpu")    # 1,200 images: 20 chunks, unrolled
+    5
+    >>> attack_chunk_size(300, 100, "cpu")   # 30,000: 100 chunks, a scan
     1
+    >>> attack_chunk_size(12, 100, "gpu") is None
+    True
   """
   platform = platform or jax.default_backend()
   if platform == "cpu" and num_rows * num_ig_steps <= CPU_IMAGES_AT_ONCE:
-    return None
+    return unrolled_chunk_size(num_rows, num_ig_steps, platform)
   return auto_chunk_size(num_rows, num_ig_steps, platform)
 
 
 def saliency_fn(apply_fn, params, labels, *, saliency="ig", num_ig_steps=100,
-                chunk_size="auto"):
+                chunk_size="auto", unroll_chunks=False):
   """`x [N, H, W(, C)] -> S(x) [N, H, W]`: the paper's evaluation saliency.
 
   IG (black baseline, `num_ig_steps` right-Riemann points) or the plain
@@ -112,6 +118,8 @@ def saliency_fn(apply_fn, params, labels, *, saliency="ig", num_ig_steps=100,
     num_ig_steps: IG points (the paper: 100).
     chunk_size: IG points evaluated at once, as in `integrated_gradients`
       (None: all; "auto": by device).
+    unroll_chunks: trace IG's chunks one after another, as in
+      `integrated_gradients`.
 
   Returns:
     A function from inputs `[N, H, W, C]` to maps `[N, H, W]`.
@@ -143,7 +151,8 @@ def saliency_fn(apply_fn, params, labels, *, saliency="ig", num_ig_steps=100,
   def fn(x):
     if saliency == "ig":
       attr = integrated_gradients(logit_y, x, num_steps=num_ig_steps,
-                                  chunk_size=chunk_size)
+                                  chunk_size=chunk_size,
+                                  unroll_chunks=unroll_chunks)
     else:
       attr = gradient_saliency(logit_y, x)
     return saliency_map(attr)
@@ -217,8 +226,9 @@ def attribution_attack(
     clip_min: lower end of the pixel box (None: open).
     clip_max: upper end of the pixel box (None: open).
     quantize: truncate pixels to integers after every step (GTSRB/Flower).
-    chunk_size: IG points evaluated at once, as in `integrated_gradients`
-      (None: all; "auto", the default: `attack_chunk_size`).
+    chunk_size: IG points evaluated at once, as in `integrated_gradients`,
+      in a `lax.scan` (None: all; "auto", the default: `attack_chunk_size`,
+      the chunks unrolled when there are at most `MAX_UNROLLED_CHUNKS`).
 
   Returns:
     A dict of arrays with a leading `[N]` axis:
@@ -304,10 +314,13 @@ def attribution_attack(
   r = num_restarts
   tile = lambda v: jnp.tile(v, (r,) + (1,) * (v.ndim - 1))
   xs, ys = tile(inputs), tile(labels)
+  unroll = False
   if chunk_size == "auto":
     chunk_size = attack_chunk_size(len(xs), num_ig_steps)
+    unroll = chunk_size is not None and (
+        num_ig_steps // chunk_size <= MAX_UNROLLED_CHUNKS)
   sal_kw = dict(saliency=saliency, num_ig_steps=num_ig_steps,
-                chunk_size=chunk_size)
+                chunk_size=chunk_size, unroll_chunks=unroll)
   measure = saliency_fn(apply_fn, params, ys, **sal_kw)
   surrogate = saliency_fn(surrogate_apply_fn, params, ys, **sal_kw)
   predict = lambda x: jnp.argmax(apply_fn(params, x), axis=-1)
