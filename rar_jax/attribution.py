@@ -46,8 +46,8 @@ METHODS = ("riemann_right", "riemann_left", "riemann_middle",
 CPU_IMAGES_PER_CHUNK = 64
 # An IG differentiated in its inputs (the objectives' inner maximisations, the
 # attribution attack) traces at most this many chunks one after another on
-# CPU (`unrolled_chunk_size`); each costs compile time (~0.4 s for the MNIST
-# CNN). Measured with 5-20 chunks (BUILD.md, Performance, item 8).
+# CPU (`unrolled_chunk_size`); each costs compile time (0.2-0.4 s for the
+# MNIST CNN). Measured with 5-20 chunks (BUILD.md, Performance, item 8).
 MAX_UNROLLED_CHUNKS = 20
 
 
@@ -168,11 +168,12 @@ def unrolled_chunk_size(batch_size: int, num_steps: int,
   """Chunks for an IG that is differentiated in its inputs, to be unrolled.
 
   `auto_chunk_size`'s chunks, made coarser where needed so that there are at
-  most `MAX_UNROLLED_CHUNKS` of them; pass the result with
-  `unroll_chunks=True`. Differentiated in the inputs (PGD on an IG norm, the
-  attribution attack), IG ran 0.64-0.72x as long on CPU with its chunks
-  unrolled as with a `lax.scan` over them, and 0.80-0.87x as long as with
-  all points at once. GPU/TPU: None, as `auto_chunk_size`.
+  most `MAX_UNROLLED_CHUNKS` of them (the last one may be smaller); pass the
+  result with `unroll_chunks=True`. On CPU, with IG differentiated in the
+  inputs, unrolled chunks ran PGD on an IG norm 0.64-0.72x as long as a
+  `lax.scan` over the same chunks (one input gradient alone: 0.80-0.94x),
+  and PGD and the attribution attack 0.80-0.90x as long as all points at
+  once. GPU/TPU: None, as `auto_chunk_size`.
 
   Args:
     batch_size: examples per call, `N`.
@@ -180,8 +181,8 @@ def unrolled_chunk_size(batch_size: int, num_steps: int,
     platform: "cpu", "gpu", "tpu", ...; None: `jax.default_backend()`.
 
   Returns:
-    An int chunk size `< num_steps` (a divisor, at least `num_steps /
-    MAX_UNROLLED_CHUNKS`), or None for all points at once.
+    An int chunk size `< num_steps`, at least `num_steps /
+    MAX_UNROLLED_CHUNKS`, or None for all points at once.
 
   References:
     `BUILD.md`, "Performance", item 8 (the measurements behind the rule).
@@ -195,9 +196,8 @@ def unrolled_chunk_size(batch_size: int, num_steps: int,
   chunk = auto_chunk_size(batch_size, num_steps, platform)
   if chunk is None:
     return None
-  chunk = min(d for d in range(chunk, num_steps + 1)
-              if num_steps % d == 0 and num_steps // d <= MAX_UNROLLED_CHUNKS)
-  return None if chunk == num_steps else chunk
+  chunk = max(chunk, -(-num_steps // MAX_UNROLLED_CHUNKS))
+  return None if chunk >= num_steps else chunk
 
 
 def _check_per_example_fn(f, inputs, name="f"):
@@ -263,8 +263,8 @@ def integrated_gradients(
   independent chunks' ops side by side. On CPU that made PGD on the IG norm
   (the training objectives' inner maximisation, a gradient in the inputs)
   0.64-0.72x as long, and gradients in the parameters 1.16-1.37x as long
-  (`unrolled_chunk_size` gives the chunks for the former). The values are
-  the same, summed in the same order.
+  (`unrolled_chunk_size` gives the chunks for the former). The sums are the
+  same, in the same order; the values agree up to float rounding.
 
   Nothing is stopped: the result can be differentiated with respect to the
   parameters `f` closes over, to `inputs` and to `baselines` (this is the

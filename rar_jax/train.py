@@ -152,7 +152,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.attack.quantize = False         # truncate pixels to integers every step
   c.attack.batch_size = 100         # examples per batch, over all devices
   c.attack.num_examples = ml_collections.FieldReference(None, field_type=int)
-  # IG points per chunk; None: by device (`attribution.auto_chunk_size`).
+  # IG points per chunk; None: by device (`attacks.attack_chunk_size`).
   c.attack.ig_chunk_size = ml_collections.FieldReference(None, field_type=int)
   c.attack.num_figure_examples = 4
   return c

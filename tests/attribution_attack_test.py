@@ -1,6 +1,7 @@
 """Tests of rar_jax.attacks.attribution_attack on a small trained MNIST CNN."""
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -142,28 +143,40 @@ def test_batched_attack_equals_one_example_at_a_time(trained):
 
 
 def test_attack_chunk_size_rule_and_chunked_attack_agree(trained,
-                                                       count_scans):
+                                                       monkeypatch):
   rule, limit = attacks.attack_chunk_size, attacks.CPU_IMAGES_AT_ONCE
   assert rule(limit // 100, 100, "cpu") == 5           # 20 chunks, unrolled
   assert rule(limit // 100 + 1, 100, "cpu") == 1       # then a scan of 100
   assert rule(4, 100, "cpu") == 10                     # auto: 64 // 4 images
   assert rule(4, 16, "cpu") is None                    # auto: no chunks
   assert rule(300, 100, "gpu") is None and rule(300, 100, "tpu") is None
-  # "auto" (here: 4 rows, all 16 points at once; 8 rows, 2 chunks of 8,
-  # unrolled), all at once, and 4-point chunks in a scan: the same attack up
-  # to float rounding.
   params, x, y = trained
-  assert rule(8, ATTACK["num_ig_steps"], "cpu") == 8
-  # Unrolled: no scans for the chunks. In scans, 2 chunks add 4: the clean
-  # and adversarial saliencies, the surrogate's and its transpose.
-  scans = {c: count_scans(functools.partial(
-      attribution_attack, _apply, **dict(ATTACK, chunk_size=c)),
-                          params, x[:8], y[:8]) for c in ("auto", 8)}
-  assert scans["auto"] + 4 == scans[8]
-  for n in (4, 8):
+  # What "auto" hands every saliency's IG, traced (not compiled): 8 rows of
+  # 16 points, 2 chunks of 8, unrolled; past the bound, a scan of 1-point
+  # chunks.
+  module = importlib.import_module("rar_jax.attacks.attribution_attack")
+  calls, ig = set(), module.integrated_gradients
+
+  def spy(*args, **kwargs):
+    calls.add((kwargs["chunk_size"], kwargs["unroll_chunks"]))
+    return ig(*args, **kwargs)
+
+  monkeypatch.setattr(module, "integrated_gradients", spy)
+  for n, steps, expected in ((8, ATTACK["num_ig_steps"], (8, True)),
+                             (limit // 100 + 1, 100, (1, False))):
+    calls.clear()
+    jax.make_jaxpr(functools.partial(
+        attribution_attack, _apply, **dict(ATTACK, num_ig_steps=steps)))(
+            params, jnp.zeros((n,) + x.shape[1:]), jnp.zeros(n, jnp.int32))
+    assert calls == {expected}
+  monkeypatch.undo()
+  # "auto" (4 rows: all 16 points at once; 8 rows: 2 unrolled chunks), all
+  # at once, and 4-point chunks in a scan: the same attack up to float
+  # rounding.
+  for n, others in ((4, (4,)), (8, (4, None))):
     auto = _attack(params, x[:n], y[:n])
-    for other in (_attack(params, x[:n], y[:n], chunk_size=4),
-                  _attack(params, x[:n], y[:n], chunk_size=None)):
+    for chunk_size in others:
+      other = _attack(params, x[:n], y[:n], chunk_size=chunk_size)
       np.testing.assert_allclose(auto["clean_saliency"],
                                  other["clean_saliency"], rtol=1e-5,
                                  atol=1e-6)

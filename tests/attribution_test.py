@@ -162,11 +162,13 @@ def test_unrolled_chunk_size_rule():
   assert most == 20
   assert rule(50, 10, "cpu") == 1      # auto_chunk_size's 10 chunks of 1
   assert rule(50, 20, "cpu") == 1      # 20 chunks: as many as unroll
-  assert rule(50, 21, "cpu") == 3      # 21 of 1 -> 7 of 3
+  assert rule(50, 21, "cpu") == 2      # 21 of 1 -> 10 of 2 and 1 of 1
   assert rule(50, 100, "cpu") == 5     # 100 of 1 -> 20 of 5
   assert rule(12, 100, "cpu") == 5     # auto: 5 (<= 64 // 12 images)
   assert rule(3, 100, "cpu") == 20     # auto: 20, 5 chunks
-  assert rule(1, 97, "cpu") is None    # 97 of 1 -> one chunk: all at once
+  assert rule(1, 97, "cpu") == 5       # 97 of 1 -> 19 of 5 and 1 of 2
+  assert rule(64, 30, "cpu") == 2      # 30 of 1 -> 15 of 2
+  assert rule(1, 21, "cpu") is None    # auto: all 21 at once
   assert rule(4, 10, "cpu") is None    # auto: no chunks
   for platform in ("gpu", "tpu"):
     assert rule(50, 100, platform) is None
@@ -198,7 +200,7 @@ def test_auto_chunking_equals_all_at_once():
 
 @pytest.mark.parametrize("chunk_size", [3, 4])   # 5 chunks + 1 point; 4 even
 def test_unrolled_chunks_equal_the_scan_to_second_order(chunk_size,
-                                                       count_scans):
+                                                       count_eqns):
   """`unroll_chunks=True` traces no scan and gives the scan's values, input
   gradients (what the inner maximisations use) and, through the gradient of
   the IG norm in the inputs, parameter gradients: a second derivative."""
@@ -213,8 +215,15 @@ def test_unrolled_chunks_equal_the_scan_to_second_order(chunk_size,
   def input_grad_norm(p, unroll):   # parameters through d/dx ||IG||_1
     return jnp.sum(jnp.abs(jax.grad(norm, argnums=1)(p, x, unroll)))
 
-  assert count_scans(lambda p: norm(p, x, False), params) == 1
-  assert count_scans(lambda p: norm(p, x, True), params) == 0
+  assert count_eqns(lambda p: norm(p, x, False), params) == 1
+  assert count_eqns(lambda p: norm(p, x, True), params) == 0
+  # One traced copy of the gradient per chunk (the remainder's included).
+  dots = lambda c, unroll: count_eqns(
+      lambda x: integrated_gradients(functools.partial(_mlp, params), x, b,
+                                     num_steps=16, chunk_size=c,
+                                     unroll_chunks=unroll),
+      x, primitive="dot_general")
+  assert dots(chunk_size, True) == -(-16 // chunk_size) * dots(None, False)
   f = functools.partial(_mlp, params)
   np.testing.assert_allclose(
       integrated_gradients(f, x, b, num_steps=16, chunk_size=chunk_size,

@@ -57,18 +57,20 @@ def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argu
 
 
 @pytest.fixture
-def count_scans():
-  """`count_scans(fn, *args)`: the `scan` primitives in `fn`'s jaxpr, nested
-  ones (inside loops, jits, custom rules) included."""
+def count_eqns():
+  """`count_eqns(fn, *args, primitive="scan")`: the equations of that
+  primitive in `fn`'s jaxpr, nested ones (inside loops, jits, custom rules)
+  included."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax.extend import core as jex_core  # pylint: disable=g-import-not-at-top
 
-  def count(jaxpr):
+  def count(jaxpr, primitive):
     n = 0
     for eqn in jaxpr.eqns:
-      n += eqn.primitive.name == "scan"
+      n += eqn.primitive.name == primitive
       for sub in jex_core.jaxprs_in_params(eqn.params):
-        n += count(sub)
+        n += count(sub, primitive)
     return n
 
-  return lambda fn, *args: count(jax.make_jaxpr(fn)(*args).jaxpr)
+  return lambda fn, *args, primitive="scan": count(
+      jax.make_jaxpr(fn)(*args).jaxpr, primitive)

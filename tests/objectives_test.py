@@ -209,7 +209,7 @@ def test_inner_ig_uses_every_approx_factor_th_point(cnn_batch):
 
 @pytest.mark.parametrize("name", ["ig_norm", "ig_sum_norm", "ig_wasserstein"])
 def test_unrolled_inner_ig_gives_the_scan_results(name, monkeypatch,
-                                                  count_scans):
+                                                  count_eqns):
   """On CPU with chunks, the inner maximisation traces IG's chunks one by
   one; the adversarial points, the loss and its parameter gradient are those
   of the scan form. The outer IG (m points) keeps its scan."""
@@ -223,11 +223,21 @@ def test_unrolled_inner_ig_gives_the_scan_results(name, monkeypatch,
     # A new function each time: JAX caches traces by function.
     run = lambda p: objectives.loss(name, _cnn_apply, p, x, y,
                                     key=jax.random.key(9), **hyper)
-    return jax.jit(jax.grad(run, has_aux=True))(params), count_scans(
+    return jax.jit(jax.grad(run, has_aux=True))(params), count_eqns(
         run, params)
 
+  calls, ig = [], objectives.integrated_gradients
+
+  def spy(*args, **kwargs):
+    calls.append((args[1].shape[0], kwargs["num_steps"],
+                  kwargs.get("chunk_size", "auto"),
+                  kwargs.get("unroll_chunks", False)))
+    return ig(*args, **kwargs)
+
+  monkeypatch.setattr(objectives, "integrated_gradients", spy)
   unrolled, unrolled_scans = results()
-  ig = objectives.integrated_gradients
+  # The inner IG: 4 points in 2 unrolled chunks; the outer: "auto", a scan.
+  assert set(calls) == {(32, 4, 2, True), (32, 20, "auto", False)}
   monkeypatch.setattr(objectives, "integrated_gradients",
                       lambda *a, **k: ig(*a, **dict(k, unroll_chunks=False)))
   scanned, scans = results()

@@ -49,7 +49,6 @@ import numpy as np
 from rar_jax import checks
 from rar_jax import metrics
 from rar_jax.attacks import pgd_attack
-from rar_jax.attribution import MAX_UNROLLED_CHUNKS
 from rar_jax.attribution import auto_chunk_size
 from rar_jax.attribution import gradient_saliency
 from rar_jax.attribution import integrated_gradients
@@ -61,7 +60,8 @@ Array = jax.Array
 ATTACKS = ("topk", "mass_center", "target", "random")
 SALIENCIES = ("ig", "gradient")
 # On CPU the attack unrolls its IG chunks up to this many images (rows x
-# points), the range measured (BUILD.md, Performance, items 7 and 8).
+# points), the range measured; beyond, a scan (BUILD.md, Performance, items 7
+# and 8). The name dates from item 7, when these took all points at once.
 CPU_IMAGES_AT_ONCE = 4800
 
 
@@ -73,10 +73,10 @@ def attack_chunk_size(num_rows: int, num_ig_steps: int,
   not bound the attack's memory; in a `lax.scan` on CPU they cost time too.
   So, on CPU, while `num_rows * num_ig_steps <= CPU_IMAGES_AT_ONCE` (the
   range measured): `attribution.unrolled_chunk_size`, at most
-  `MAX_UNROLLED_CHUNKS` chunks that the attack unrolls (0.80-0.87x the time
-  of all points at once); beyond, `attribution.auto_chunk_size`; on GPU/TPU
-  that rule too (all points). The attack unrolls whenever there are at most
-  `MAX_UNROLLED_CHUNKS` chunks.
+  `attribution.MAX_UNROLLED_CHUNKS` chunks that the attack unrolls
+  (0.80-0.90x the time of all points at once); beyond,
+  `attribution.auto_chunk_size` in a scan; on GPU/TPU that rule too (all
+  points).
 
   Args:
     num_rows: examples times restarts, attacked at once.
@@ -87,7 +87,8 @@ def attack_chunk_size(num_rows: int, num_ig_steps: int,
     An int chunk size, or None for all points at once.
 
   References:
-    `BUILD.md`, "Performance", item 7 (the measurements behind the rule).
+    `BUILD.md`, "Performance", items 7 and 8 (the measurements behind the
+    rule).
 
   Example:
     >>> attack_chunk_size(12, 100, "cpu")    # 1,200 images: 20 chunks, unrolled
@@ -228,7 +229,7 @@ def attribution_attack(
     quantize: truncate pixels to integers after every step (GTSRB/Flower).
     chunk_size: IG points evaluated at once, as in `integrated_gradients`,
       in a `lax.scan` (None: all; "auto", the default: `attack_chunk_size`,
-      the chunks unrolled when there are at most `MAX_UNROLLED_CHUNKS`).
+      its chunks unrolled on CPU up to `CPU_IMAGES_AT_ONCE` images).
 
   Returns:
     A dict of arrays with a leading `[N]` axis:
@@ -317,8 +318,9 @@ def attribution_attack(
   unroll = False
   if chunk_size == "auto":
     chunk_size = attack_chunk_size(len(xs), num_ig_steps)
+    # Chunks up to the bound are unrolled_chunk_size's (CPU only).
     unroll = chunk_size is not None and (
-        num_ig_steps // chunk_size <= MAX_UNROLLED_CHUNKS)
+        len(xs) * num_ig_steps <= CPU_IMAGES_AT_ONCE)
   sal_kw = dict(saliency=saliency, num_ig_steps=num_ig_steps,
                 chunk_size=chunk_size, unroll_chunks=unroll)
   measure = saliency_fn(apply_fn, params, ys, **sal_kw)
