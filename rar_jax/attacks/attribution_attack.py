@@ -98,10 +98,15 @@ def attack_chunk_size(num_rows: int, num_ig_steps: int,
     >>> attack_chunk_size(12, 100, "gpu") is None
     True
   """
+  return _auto_chunking(num_rows, num_ig_steps, platform)[0]
+
+
+def _auto_chunking(num_rows, num_ig_steps, platform=None):
+  """`(chunk_size, unroll_chunks)` of `chunk_size="auto"` in the attack."""
   platform = platform or jax.default_backend()
   if platform == "cpu" and num_rows * num_ig_steps <= CPU_IMAGES_AT_ONCE:
-    return unrolled_chunk_size(num_rows, num_ig_steps, platform)
-  return auto_chunk_size(num_rows, num_ig_steps, platform)
+    return unrolled_chunk_size(num_rows, num_ig_steps, platform), True
+  return auto_chunk_size(num_rows, num_ig_steps, platform), False
 
 
 def saliency_fn(apply_fn, params, labels, *, saliency="ig", num_ig_steps=100,
@@ -317,10 +322,7 @@ def attribution_attack(
   xs, ys = tile(inputs), tile(labels)
   unroll = False
   if chunk_size == "auto":
-    chunk_size = attack_chunk_size(len(xs), num_ig_steps)
-    # Chunks up to the bound are unrolled_chunk_size's (CPU only).
-    unroll = chunk_size is not None and (
-        len(xs) * num_ig_steps <= CPU_IMAGES_AT_ONCE)
+    chunk_size, unroll = _auto_chunking(len(xs), num_ig_steps)
   sal_kw = dict(saliency=saliency, num_ig_steps=num_ig_steps,
                 chunk_size=chunk_size, unroll_chunks=unroll)
   measure = saliency_fn(apply_fn, params, ys, **sal_kw)
