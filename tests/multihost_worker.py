@@ -7,7 +7,8 @@ collectives), trains the MNIST Madry smoke preset for 3 steps under pmap and
 under shard_map, and writes each run's final parameters and metrics to
 WORKDIR/<parallel>.npz (process 0). Then checks how the processes agree to
 stop: the agreement itself (WORKDIR/agree_<process>.json), and a long run
-in which process 1 alone receives SIGTERM (WORKDIR/stop_<process>.json).
+in which process 1 alone receives SIGTERM, then resumes and receives it
+again during a save (WORKDIR/stop_<process>.json).
 """
 
 import json
@@ -16,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from unittest import mock
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -67,8 +69,25 @@ def check_agreement(process_id, workdir):
     json.dump(got, f)
 
 
+def _run_until_stopped(config, run_dir):
+  try:
+    train.train_and_evaluate(config, run_dir)
+    result = {"stopped": False}
+  except train.Interrupted as e:
+    result = {"stopped": True, "step": e.step, "signum": e.signum}
+  result["saved"] = train.saved_steps(os.path.join(run_dir, "checkpoints"))
+  return result
+
+
 def stop_by_signal(process_id, run_dir, workdir):
-  """A long NATURAL run; process 1 sends itself SIGTERM after a checkpoint."""
+  """A long NATURAL run; process 1 alone gets SIGTERM, twice.
+
+  First from another thread after the first checkpoint, landing during
+  whichever step is running. Then the same command resumes, and process 1
+  sends itself SIGTERM inside its save of the next checkpoint: a signal
+  during a step that saves and logs, which the loop reads in its agreement
+  at the end of that step.
+  """
   config = paper.get_config("mnist,natural,smoke")
   config.num_train_steps = 100_000
   config.checkpoint_every_steps = 20
@@ -81,14 +100,21 @@ def stop_by_signal(process_id, run_dir, workdir):
 
   if process_id == 1:
     threading.Thread(target=signal_after_first_checkpoint, daemon=True).start()
-  try:
-    train.train_and_evaluate(config, run_dir)
-    result = {"stopped": False}
-  except train.Interrupted as e:
-    result = {"stopped": True, "step": e.step, "signum": e.signum}
-  result["saved"] = train.saved_steps(os.path.join(run_dir, "checkpoints"))
+  results = [_run_until_stopped(config, run_dir)]
+
+  save = train._save  # pylint: disable=protected-access
+  def save_and_signal(manager, step, state):
+    if process_id == 1 and not signalled:
+      signalled.append(step)
+      os.kill(os.getpid(), signal.SIGTERM)  # handled on this (main) thread
+    save(manager, step, state)
+
+  signalled = []
+  with mock.patch.object(train, "_save", save_and_signal):
+    results.append(_run_until_stopped(config, run_dir))
+  results[1]["signalled_at"] = signalled
   with open(os.path.join(workdir, f"stop_{process_id}.json"), "w") as f:
-    json.dump(result, f)
+    json.dump(results, f)
 
 
 if __name__ == "__main__":

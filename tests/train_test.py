@@ -179,13 +179,25 @@ def test_two_processes_train_like_one_process_with_as_many_devices(
     with open(tmp_path / f"agree_{i}.json") as f:
       assert json.load(f) == [None, None, signal.SIGTERM, None, signal.SIGTERM]
   # SIGTERM to process 1 alone: both stop at the same step, after saving it.
-  stops = []
+  runs = []
   for i in (0, 1):
     with open(tmp_path / f"stop_{i}.json") as f:
-      stops.append(json.load(f))
-  assert stops[0] == stops[1], stops
-  assert stops[0]["stopped"] and stops[0]["signum"] == signal.SIGTERM
-  assert 20 <= stops[0]["step"] == stops[0]["saved"][-1] < 100_000
+      runs.append(json.load(f))
+  first, resumed = runs[0][0], runs[0][1]
+  assert runs[0][0] == runs[1][0], runs
+  assert first["stopped"] and first["signum"] == signal.SIGTERM
+  assert 20 <= first["step"] == first["saved"][-1] < 100_000
+  # Resumed, then SIGTERM to process 1 inside its save of the next
+  # checkpoint: both stop at that very step (one save, no second one).
+  next_save = (first["step"] // 20 + 1) * 20
+  assert runs[0][1]["signalled_at"] == [] and (
+      runs[1][1]["signalled_at"] == [next_save]), runs
+  for run in (runs[0][1], runs[1][1]):
+    run.pop("signalled_at")
+  assert runs[0][1] == runs[1][1], runs
+  assert resumed["stopped"] and resumed["signum"] == signal.SIGTERM
+  assert resumed["step"] == next_save
+  assert resumed["saved"][-2:] == [first["step"], next_save]
 
 
 def test_all_sixteen_paper_presets_are_valid():
