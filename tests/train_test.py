@@ -188,7 +188,7 @@ def test_two_processes_train_like_one_process_with_as_many_devices(
   assert first["stopped"] and first["signum"] == signal.SIGTERM
   assert 20 <= first["step"] == first["saved"][-1] < 100_000
   # Resumed, then SIGTERM to process 1 inside its save of the next
-  # checkpoint: both stop at that very step (one save, no second one).
+  # checkpoint: both stop at that very step, with its checkpoint.
   next_save = (first["step"] // 20 + 1) * 20
   assert runs[0][1]["signalled_at"] == [] and (
       runs[1][1]["signalled_at"] == [next_save]), runs
