@@ -55,6 +55,10 @@ independent of XLA; for `MnistCNN`-family models the ig and pgd records also
 compare with the hand count of the module's `analytic_flops`
 (`flops_over_analytic`, about 0.89 on mnist_cnn: XLA skips padding taps).
 Prints a table and writes the header and records as JSON (--output_json).
+The header has the versions, the device, the host, the date, the settings
+and flags, `XLA_FLAGS`, and the allocator's settings that changed CPU
+timings here: `GLIBC_TUNABLES` and the kernel's transparent-huge-page mode
+(BUILD.md, Performance).
 """
 
 import dataclasses
@@ -954,6 +958,45 @@ def _device_counts(available: int) -> list[int]:
   return counts
 
 
+THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def transparent_huge_pages(path: str = THP_MODE_FILE) -> Optional[str]:
+  """The kernel's transparent-huge-page mode ("always", "madvise", "never").
+
+  With glibc's `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` and the mode
+  "madvise", XLA:CPU's large temporaries are mapped with huge pages, which
+  changed a run's time (BUILD.md, Performance): the header records both.
+
+  Args:
+    path: the kernel's setting (Linux); elsewhere it does not exist.
+
+  Returns:
+    The bracketed (active) mode, or None where the file is missing or
+    unreadable.
+
+  References:
+    Linux, Documentation/admin-guide/mm/transhuge.rst; glibc manual,
+    "Memory Allocation Tunables" (`glibc.malloc.hugetlb`).
+
+  Example:
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
+    ...   _ = f.write("always [madvise] never"); f.flush()
+    ...   transparent_huge_pages(f.name)
+    'madvise'
+    >>> transparent_huge_pages("/no/such/file") is None
+    True
+  """
+  try:
+    with open(path) as f:
+      text = f.read()
+  except OSError:
+    return None
+  start, end = text.find("["), text.find("]")
+  return text[start + 1:end] if 0 <= start < end else None
+
+
 def header(settings: Settings) -> dict[str, Any]:
   """Versions, device, host, date and settings of a run."""
   device = jax.devices()[0]
@@ -967,6 +1010,8 @@ def header(settings: Settings) -> dict[str, Any]:
       date=datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
       xla_flags=os.environ.get("XLA_FLAGS", ""),
+      glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+      transparent_huge_pages=transparent_huge_pages(),
       settings=dataclasses.asdict(settings),
   )
 

@@ -74,6 +74,13 @@ def test_every_workload_and_sweep_point_has_a_complete_record(tiny_run):
       settings=dict, flags=dict).items():
     assert isinstance(header[key], expected), (key, header[key])
   assert header["platform"] == "cpu" and header["device_count"] == 4
+  # The allocator settings that change CPU timings (BUILD.md, Performance).
+  assert header["glibc_tunables"] == os.environ.get("GLIBC_TUNABLES", "")
+  assert header["transparent_huge_pages"] == (
+      benchmark.transparent_huge_pages())
+  if os.path.exists(benchmark.THP_MODE_FILE):
+    with open(benchmark.THP_MODE_FILE) as f:
+      assert f"[{header['transparent_huge_pages']}]" in f.read()
   assert _positive(result["peak_flops_per_s"])
   counts = {}
   for r in result["records"]:
@@ -306,3 +313,14 @@ def test_the_binary_exits_with_the_message(flag, message):
     _run_main(flag)
   assert str(err.value).startswith("benchmark.py: error: ")
   assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_transparent_huge_pages_reads_the_active_mode(tmp_path):
+  for text, mode in (("always [madvise] never\n", "madvise"),
+                     ("[always] madvise never\n", "always"),
+                     ("always madvise [never]\n", "never"),
+                     ("garbled\n", None)):
+    path = tmp_path / "enabled"
+    path.write_text(text)
+    assert benchmark.transparent_huge_pages(str(path)) == mode, text
+  assert benchmark.transparent_huge_pages(str(tmp_path / "missing")) is None
