@@ -103,13 +103,14 @@ def stop_by_signal(process_id, run_dir, workdir):
   results = [_run_until_stopped(config, run_dir)]
 
   save = train._save  # pylint: disable=protected-access
+  signalled = []   # the step whose save process 1 signalled itself in
+
   def save_and_signal(manager, step, state):
     if process_id == 1 and not signalled:
       signalled.append(step)
       os.kill(os.getpid(), signal.SIGTERM)  # handled on this (main) thread
     save(manager, step, state)
 
-  signalled = []
   with mock.patch.object(train, "_save", save_and_signal):
     results.append(_run_until_stopped(config, run_dir))
   results[1]["signalled_at"] = signalled
