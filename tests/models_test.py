@@ -511,3 +511,92 @@ def test_max_pool_forward_mode_and_second_derivatives():
   batched = lambda pool: jax.jit(jax.vmap(jax.grad(
       lambda z: jnp.sum(w * pool(z)))))(xs)
   np.testing.assert_array_equal(batched(models.max_pool_2x2), batched(ref))
+
+
+def test_nondecreasing_activations_never_decrease():
+  # MnistCNN pools their input instead of their output; that is the same
+  # network only for activations that never decrease.
+  assert models.NONDECREASING_ACTIVATIONS <= set(models.ACTIVATIONS)
+  grid = np.concatenate([np.linspace(-100.0, 100.0, 200_001),
+                         np.linspace(-1e-3, 1e-3, 2_001)]).astype(np.float32)
+  grid = np.unique(grid)
+  for name in sorted(models.NONDECREASING_ACTIVATIONS):
+    y = np.asarray(jax.jit(models.get_activation(name))(grid), np.float64)
+    # softplus rounds to a non-monotone last bit in places: allow 2 ulps.
+    slack = 2 * np.spacing(np.abs(y[1:]).astype(np.float32))
+    assert np.all(np.diff(y) >= -slack), name
+
+
+def _reference_cnn(params, x, act, pool):
+  """MnistCNN as the paper writes it: pool(act(conv(x) + b))."""
+  for layer in ("conv1", "conv2"):
+    z = jax.lax.conv_general_dilated(
+        x, params[layer]["kernel"], (1, 1), "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC")) + params[layer]["bias"]
+    x = pool(act(z))
+  x = act(x.reshape(len(x), -1) @ params["fc1"]["kernel"]
+          + params["fc1"]["bias"])
+  return x @ params["fc2"]["kernel"] + params["fc2"]["bias"]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _cnn_derivatives(apply_fn, params, x, labels):
+  """Logits, input and parameter gradients of the cross-entropy, and the
+  parameter gradient of `||d CE / dx||_1` (second order, as IG-NORM)."""
+  def ce(p, z):
+    return -jnp.sum(jnp.take_along_axis(
+        jax.nn.log_softmax(apply_fn(p, z)), labels[:, None], -1))
+  grad_x = jax.grad(ce, argnums=1)
+  return (apply_fn(params, x), grad_x(params, x), jax.grad(ce)(params, x),
+          jax.grad(lambda p: jnp.sum(jnp.abs(grad_x(p, x))))(params))
+
+
+@pytest.mark.parametrize("activation", ["relu", "softplus"])
+def test_mnist_cnn_pooling_before_the_activation_is_the_same_network(
+    tiny, activation):
+  _, _, _, params, _ = tiny["tiny_cnn"]
+  model = models.get_model("tiny_cnn", num_classes=3, activation=activation)
+  assert activation in models.NONDECREASING_ACTIVATIONS
+  # Like MNIST: half the pixels 0, so windows of exactly tied
+  # pre-activations (the bias, 0.1 > 0) whose gradient must go to the first.
+  rng = np.random.default_rng(3)
+  x = np.round(4 * rng.uniform(size=(4, 12, 12, 1))) / 4
+  x = jnp.asarray(np.where(rng.uniform(size=x.shape) < 0.5, 0.0, x),
+                  jnp.float32)
+  labels = jnp.array([0, 1, 2, 0])
+  act = models.get_activation(activation)
+  ours = _cnn_derivatives(lambda p, z: model.apply({"params": p}, z),
+                          params, x, labels)
+  paper = _cnn_derivatives(
+      lambda p, z: _reference_cnn(p, z, act, _one_hot_pool), params, x,
+      labels)
+  for name, a, b in zip(("logits", "input gradient", "parameter gradient",
+                         "second order"), ours, paper):
+    chex.assert_trees_all_close(a, b, rtol=2e-5, atol=1e-6,
+                                custom_message=name)
+  assert float(jnp.abs(ours[1]).sum()) > 0
+
+
+def test_mnist_cnn_pools_the_output_of_other_activations(tiny):
+  # SiLU decreases below -1.28: pooling its input would be another network.
+  _, _, _, params, _ = tiny["tiny_cnn"]
+  # Pre-activations spread over (-5, 2): many windows below -1.28.
+  params = {**params, **{
+      layer: {"kernel": 10 * params[layer]["kernel"],
+              "bias": jnp.full_like(params[layer]["bias"], -1.5)}
+      for layer in ("conv1", "conv2")}}
+  x = jnp.asarray(np.random.default_rng(4).uniform(size=(2, 12, 12, 1)),
+                  jnp.float32)
+  with mock.patch.dict(models.ACTIVATIONS, {"silu": jax.nn.silu}):
+    model = models.get_model("tiny_cnn", num_classes=3, activation="silu")
+    # A new function per trace: jit's cache would not see the patches.
+    apply = lambda: jax.jit(lambda p, z: model.apply({"params": p}, z))(
+        params, x)
+    pool_after = jax.jit(_reference_cnn, static_argnums=(2, 3))(
+        params, x, jax.nn.silu, models.max_pool_2x2)
+    np.testing.assert_allclose(apply(), pool_after, rtol=1e-5, atol=1e-5)
+    with mock.patch.object(models, "NONDECREASING_ACTIVATIONS",
+                           frozenset({"silu"})):
+      wrong = apply()
+  # 100 times the tolerance above.
+  assert not np.allclose(wrong, pool_after, rtol=1e-3, atol=1e-3)
