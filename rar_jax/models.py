@@ -141,11 +141,14 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "leaky_softplus": leaky_softplus,
 }
 
-# Activations that never decrease, so that they commute with a max:
-# act(max(z)) = max(act(z)). `MnistCNN` pools such an activation's input,
-# not its output (the same network; see `MnistCNN`). Another activation is
-# pooled after it is applied.
-NONDECREASING_ACTIVATIONS = frozenset(
+# Activations that commute with a 2x2 max-pool, derivatives included: each
+# never decreases (so act(max(z)) = max(act(z))) and has a zero derivative
+# wherever it is flat (relu), so that the first-maximum gradient of either
+# order is the same (in exact arithmetic; float32: see `MnistCNN`).
+# `MnistCNN` pools such an activation's input, not its output. Another
+# activation is pooled after it is applied (`jax.nn.hard_tanh`, for one,
+# never decreases, but its derivative is 1 at 1, where it turns flat).
+POOL_COMMUTING_ACTIVATIONS = frozenset(
     {"relu", "softplus", "leaky_relu", "leaky_softplus"})
 
 # Activation -> the smooth activation the attribution attack differentiates.
@@ -490,18 +493,21 @@ class MnistCNN(nn.Module):
   """Madry's MNIST CNN (also the paper's Fashion-MNIST model), parameterised.
 
   conv k x k x c1 SAME + bias -> act -> maxpool 2x2/2 -> conv k x k x c2 ->
-  act -> maxpool -> flatten -> FC `dense_features` -> act -> FC `num_classes`.
+  act -> maxpool -> flatten -> FC `dense_features` -> act -> FC `num_classes`
+  (computed with the pool before the activation; below).
 
-  An activation of `NONDECREASING_ACTIVATIONS` (all of `ACTIVATIONS`) is
+  An activation of `POOL_COMMUTING_ACTIVATIONS` (all of `ACTIVATIONS`) is
   applied after the pool: `act(max_pool(z))` is `max_pool(act(z))`, on a
-  quarter of the elements. With relu the two are the same in float32 too,
-  values and gradients (relu(z) ties exactly where z ties, or where its
-  gradient is 0). With softplus they agree in exact arithmetic; in float32,
-  softplus rounds some distinct z to one value (and is not monotone to the
-  last bit), and there the gradient goes to the window's largest z rather
-  than to the first of the rounded ties. The top-k attack, which
-  differentiates the softplus surrogate twice, took 0.8x the time this way,
-  the Madry step 0.9x (BUILD.md, Performance, item 9).
+  quarter of the elements. With relu the two do the same float32 operations
+  on the values and route every gradient alike (relu(z) ties exactly where
+  z ties, or where its gradient is 0); XLA may still order a sum
+  differently (~1e-7). The other three agree in exact arithmetic; in
+  float32, `0.1 x` and softplus round some distinct z to one value
+  (softplus is not even monotone in its last bit), and there the gradient
+  goes to the window's largest z rather than to the first maximum of
+  `act(z)`. The top-k attack, which differentiates the softplus surrogate
+  twice, took 0.8x the time this way, the Madry step 0.9x (BUILD.md,
+  Performance, item 9).
 
   Initialisation as in the paper's code: weights `tf.truncated_normal(stddev=
   0.1)`, i.e. a N(0, 0.1^2) truncated at +-2 std (0.2), whose actual standard
@@ -557,7 +563,7 @@ class MnistCNN(nn.Module):
                   padding="SAME", kernel_init=kernel_init,
                   bias_init=bias_init, name=f"conv{i + 1}",
                   conv_general_dilated=_conv_fn(self.fast_conv_grad))(x)
-      if self.activation in NONDECREASING_ACTIVATIONS:
+      if self.activation in POOL_COMMUTING_ACTIVATIONS:
         x = act(max_pool_2x2(x))
       else:
         x = max_pool_2x2(act(x))

@@ -513,18 +513,40 @@ def test_max_pool_forward_mode_and_second_derivatives():
   np.testing.assert_array_equal(batched(models.max_pool_2x2), batched(ref))
 
 
-def test_nondecreasing_activations_never_decrease():
+def test_pool_commuting_activations_commute_with_the_pool():
   # MnistCNN pools their input instead of their output; that is the same
-  # network only for activations that never decrease.
-  assert models.NONDECREASING_ACTIVATIONS <= set(models.ACTIVATIONS)
+  # network only for activations that never decrease...
+  assert models.POOL_COMMUTING_ACTIVATIONS <= set(models.ACTIVATIONS)
   grid = np.concatenate([np.linspace(-100.0, 100.0, 200_001),
                          np.linspace(-1e-3, 1e-3, 2_001)]).astype(np.float32)
   grid = np.unique(grid)
-  for name in sorted(models.NONDECREASING_ACTIVATIONS):
-    y = np.asarray(jax.jit(models.get_activation(name))(grid), np.float64)
+  # ...and whose derivative is 0 where they are flat: on windows with ties,
+  # signed zeros and SAME padding, the first-maximum gradients of both
+  # orders agree (jax.nn.hard_tanh, which never decreases, fails this).
+  rng = np.random.default_rng(5)
+  z = np.round(8 * rng.uniform(-1, 1, size=(3, 7, 9, 4))).astype(np.float32)
+  z[0, :2, :2] = -0.0
+  z[1, :2, :2] = 0.0
+  z = jnp.asarray(z / 4)
+  w = jnp.asarray(rng.standard_normal((3, 4, 5, 4)), jnp.float32)
+  orders = {
+      "pool first": lambda act: lambda z: act(models.max_pool_2x2(z)),
+      "act first": lambda act: lambda z: models.max_pool_2x2(act(z))}
+  grad = lambda f: jax.jit(jax.grad(lambda z: jnp.sum(w * f(z))))(z)
+  hard = {k: grad(order(jax.nn.hard_tanh)) for k, order in orders.items()}
+  assert not np.allclose(hard["pool first"], hard["act first"])
+  for name in sorted(models.POOL_COMMUTING_ACTIVATIONS):
+    act = models.get_activation(name)
+    y = np.asarray(jax.jit(act)(grid), np.float64)
     # softplus rounds to a non-monotone last bit in places: allow 2 ulps.
     slack = 2 * np.spacing(np.abs(y[1:]).astype(np.float32))
     assert np.all(np.diff(y) >= -slack), name
+    grads = {k: grad(order(act)) for k, order in orders.items()}
+    assert float(jnp.abs(grads["pool first"]).sum()) > 0, name
+    np.testing.assert_allclose(grads["pool first"], grads["act first"],
+                               rtol=1e-6, atol=1e-7, err_msg=name)
+    if name == "relu":
+      np.testing.assert_array_equal(grads["pool first"], grads["act first"])
 
 
 def _reference_cnn(params, x, act, pool):
@@ -551,20 +573,35 @@ def _cnn_derivatives(apply_fn, params, x, labels):
           jax.grad(lambda p: jnp.sum(jnp.abs(grad_x(p, x))))(params))
 
 
-@pytest.mark.parametrize("activation", ["relu", "softplus"])
+def _tied_windows(z) -> int:
+  """Number of 2x2 windows whose maximum is held by several elements."""
+  # pylint: disable-next=protected-access
+  windows = models._pool_windows(z, -jnp.inf)
+  top = jnp.max(windows, axis=(2, 4), keepdims=True)
+  return int(jnp.sum(jnp.sum(windows == top, axis=(2, 4)) > 1))
+
+
+@pytest.mark.parametrize("activation",
+                         sorted(models.POOL_COMMUTING_ACTIVATIONS))
 def test_mnist_cnn_pooling_before_the_activation_is_the_same_network(
     tiny, activation):
   _, _, _, params, _ = tiny["tiny_cnn"]
   model = models.get_model("tiny_cnn", num_classes=3, activation=activation)
-  assert activation in models.NONDECREASING_ACTIVATIONS
-  # Like MNIST: half the pixels 0, so windows of exactly tied
-  # pre-activations (the bias, 0.1 > 0) whose gradient must go to the first.
+  # Like MNIST: blank regions, where the pre-activations tie exactly (the
+  # bias, 0.1 > 0) and the gradient must go to each window's first element.
   rng = np.random.default_rng(3)
   x = np.round(4 * rng.uniform(size=(4, 12, 12, 1))) / 4
-  x = jnp.asarray(np.where(rng.uniform(size=x.shape) < 0.5, 0.0, x),
-                  jnp.float32)
-  labels = jnp.array([0, 1, 2, 0])
+  x[0] = 0.0
+  x[1, :10, :10] = 0.0
+  x = jnp.asarray(x, jnp.float32)
   act = models.get_activation(activation)
+  conv = lambda z, layer: jax.lax.conv_general_dilated(
+      z, params[layer]["kernel"], (1, 1), "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC")) + params[layer]["bias"]
+  z1 = conv(x, "conv1")
+  z2 = conv(models.max_pool_2x2(act(z1)), "conv2")
+  assert _tied_windows(z1) > 10 and _tied_windows(z2) > 0
+  labels = jnp.array([0, 1, 2, 0])
   ours = _cnn_derivatives(lambda p, z: model.apply({"params": p}, z),
                           params, x, labels)
   paper = _cnn_derivatives(
@@ -595,7 +632,7 @@ def test_mnist_cnn_pools_the_output_of_other_activations(tiny):
     pool_after = jax.jit(_reference_cnn, static_argnums=(2, 3))(
         params, x, jax.nn.silu, models.max_pool_2x2)
     np.testing.assert_allclose(apply(), pool_after, rtol=1e-5, atol=1e-5)
-    with mock.patch.object(models, "NONDECREASING_ACTIVATIONS",
+    with mock.patch.object(models, "POOL_COMMUTING_ACTIVATIONS",
                            frozenset({"silu"})):
       wrong = apply()
   # 100 times the tolerance above.
