@@ -506,8 +506,8 @@ class MnistCNN(nn.Module):
   (softplus is not even monotone in its last bit), and there the gradient
   goes to the window's largest z rather than to the first maximum of
   `act(z)`. The top-k attack, which differentiates the softplus surrogate
-  twice, took 0.8x the time this way, the Madry step 0.9x (BUILD.md,
-  Performance, item 9).
+  twice, took 0.8x the time this way; the other programs measured gained
+  no more than the noise (BUILD.md, Performance, item 9).
 
   Initialisation as in the paper's code: weights `tf.truncated_normal(stddev=
   0.1)`, i.e. a N(0, 0.1^2) truncated at +-2 std (0.2), whose actual standard
