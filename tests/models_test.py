@@ -549,13 +549,17 @@ def test_pool_commuting_activations_commute_with_the_pool():
       np.testing.assert_array_equal(grads["pool first"], grads["act first"])
 
 
+def _conv_layer(params, layer, x):
+  """MnistCNN's `layer` ("conv1", "conv2") before its activation, by lax."""
+  return jax.lax.conv_general_dilated(
+      x, params[layer]["kernel"], (1, 1), "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC")) + params[layer]["bias"]
+
+
 def _reference_cnn(params, x, act, pool):
   """MnistCNN as the paper writes it: pool(act(conv(x) + b))."""
   for layer in ("conv1", "conv2"):
-    z = jax.lax.conv_general_dilated(
-        x, params[layer]["kernel"], (1, 1), "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC")) + params[layer]["bias"]
-    x = pool(act(z))
+    x = pool(act(_conv_layer(params, layer, x)))
   x = act(x.reshape(len(x), -1) @ params["fc1"]["kernel"]
           + params["fc1"]["bias"])
   return x @ params["fc2"]["kernel"] + params["fc2"]["bias"]
@@ -595,11 +599,8 @@ def test_mnist_cnn_pooling_before_the_activation_is_the_same_network(
   x[1, :10, :10] = 0.0
   x = jnp.asarray(x, jnp.float32)
   act = models.get_activation(activation)
-  conv = lambda z, layer: jax.lax.conv_general_dilated(
-      z, params[layer]["kernel"], (1, 1), "SAME",
-      dimension_numbers=("NHWC", "HWIO", "NHWC")) + params[layer]["bias"]
-  z1 = conv(x, "conv1")
-  z2 = conv(models.max_pool_2x2(act(z1)), "conv2")
+  z1 = _conv_layer(params, "conv1", x)
+  z2 = _conv_layer(params, "conv2", models.max_pool_2x2(act(z1)))
   assert _tied_windows(z1) > 10 and _tied_windows(z2) > 0
   labels = jnp.array([0, 1, 2, 0])
   ours = _cnn_derivatives(lambda p, z: model.apply({"params": p}, z),
