@@ -26,6 +26,13 @@ sample, or --data_npz). Workloads (--workloads, default all):
                of --loop_objective (default NATURAL) at --train_batch on one
                device, against its step alone: the trainer's per-step cost
                (data, keys, placement, checks) beyond the compiled step.
+  kernels      every conv and dense layer's forward, input gradient and
+               kernel gradient alone (the layer's own function without its
+               bias, `KERNEL_CALLS` calls back to back per timing), at the
+               batches the ig, pgd and train records run them; those
+               records then get `kernel_floor_s`, the time their layers'
+               kernels would take alone, and `over_kernel_floor` (median /
+               floor; see `kernel_floor_terms`).
 
 Sweeps (--sweeps): `batch` (ig and a train step of --sweep_objective over
 --sweep_batch_sizes), `ig_steps` (ig over --sweep_ig_steps without and with
@@ -82,6 +89,7 @@ from absl import logging
 # `experiments.configs` must be importable when this file is run as a script.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import flax.linen as nn  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.extend.core as jax_core  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -96,10 +104,12 @@ from rar_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-
 from rar_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rar_jax.attacks import attribution_attack  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rar_jax.attacks import pgd  # pylint: disable=g-import-not-at-top,wrong-import-position
-from rar_jax.attribution import auto_chunk_size
+from rar_jax.attribution import auto_chunk_size  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rar_jax.attribution import integrated_gradients  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rar_jax.attribution import unrolled_chunk_size  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-WORKLOADS = ("matmul_peak", "ig", "pgd", "train", "attack", "loop")
+WORKLOADS = ("matmul_peak", "ig", "pgd", "train", "attack", "loop",
+             "kernels")
 SWEEPS = ("batch", "ig_steps", "devices")
 TRAIN_OBJECTIVES = ("natural", "madry", "trades", "ig_norm", "ig_sum_norm")
 NUM_CLASSES = 10
@@ -856,6 +866,43 @@ class _Workloads:
                  record["median_s"], record["step_alone_s"])
     return record
 
+  def kernels(self, batches):
+    """Each conv and dense layer's kernels alone, at each of `batches`."""
+    model = models.get_model(self.s.model, num_classes=NUM_CLASSES)
+    settings = dataclasses.replace(self.s, warmup=max(1, self.s.warmup))
+    records = []
+    for batch in batches:
+      layers = linear_layers(model, (batch,) + tuple(self.image_shape))
+      for index, (path, layer, x_struct) in enumerate(layers):
+        kx, kg, kp = jax.random.split(jax.random.fold_in(self.key, index), 3)
+        x = jax.random.normal(kx, x_struct.shape, x_struct.dtype)
+        params = layer.init(kp, x)["params"]
+        y = jax.eval_shape(layer.apply, {"params": params}, x)
+        g = jax.random.normal(kg, y.shape, y.dtype)
+        for op in KERNEL_OPS:
+          fn, args = _kernel_program(layer, op), (params, x, g)
+          entry, _ = _compile(fn, args, cache=self.cache,
+                              cache_key=("kernel", path, op, batch))
+          compiled = entry["compiled"]
+
+          def calls(compiled=compiled, args=args):
+            return [compiled(*args) for _ in range(KERNEL_CALLS)]
+
+          times = [t / KERNEL_CALLS for t in _run_timed(
+              calls, settings.warmup, settings.repeats)]
+          record = dict(name=f"kernel {path} {op} B={batch}",
+                        workload="kernels", layer=path, layer_index=index,
+                        op=op, batch=batch, calls_per_timing=KERNEL_CALLS,
+                        input_shape=list(x.shape),
+                        kernel_shape=list(params["kernel"].shape),
+                        compiled_earlier=False)
+          record.update(_summary(times, lower_s=entry["lower_s"],
+                                 compile_s=entry["compile_s"]))
+          record.update(entry["analysis"])
+          _add_rates(record, peak=self.peak, num_examples=batch)
+          records.append(record)
+    return records
+
   def _attack_fn(self, batch):
     s, kwargs = self.s, self.attack_kwargs
     apply_fn, surrogate_fn = self.apply_fn, self.surrogate_fn
@@ -919,6 +966,170 @@ class _Workloads:
     record["speedup_batched_vs_one_at_a_time"] = (
         record["seconds_per_example"] / batched["seconds_per_example"])
     return record
+
+
+# --- The kernels alone: a floor under the ig, pgd and train records. ---------
+
+KERNEL_OPS = ("forward", "input_grad", "kernel_grad")
+# Calls of one kernel back to back per timing (one call is a few ms on CPU).
+KERNEL_CALLS = 10
+
+
+def linear_layers(model: nn.Module, input_shape) -> list[tuple[str, Any, Any]]:
+  """The `nn.Conv` and `nn.Dense` calls of `model` on `input_shape`, in order.
+
+  Args:
+    model: a Flax module (unbound).
+    input_shape: `[N, H, W, C]`, the model's input (N is the batch the
+      layers are timed at).
+
+  Returns:
+    `[(path, layer, x)]`: the layer's scope path ("conv1",
+    "unit_1_0/conv2"), the module without its bias (unbound: `layer.init`,
+    `layer.apply`), and its input as a `jax.ShapeDtypeStruct`.
+
+  Example:
+    >>> from rar_jax import models
+    >>> layers = linear_layers(models.get_model("tiny_cnn", num_classes=10),
+    ...                        (2, 28, 28, 1))
+    >>> [(path, x.shape) for path, _, x in layers]   # doctest: +NORMALIZE_WHITESPACE
+    [('conv1', (2, 28, 28, 1)), ('conv2', (2, 14, 14, 2)), ('fc1', (2, 196)),
+     ('fc2', (2, 8))]
+  """
+  calls = []
+
+  def record(next_fun, args, kwargs, context):
+    m = context.module
+    if (context.method_name == "__call__"
+        and isinstance(m, (nn.Conv, nn.Dense))):
+      calls.append(("/".join(m.scope.path),
+                    m.clone(parent=None, name=None, use_bias=False),
+                    jax.ShapeDtypeStruct(args[0].shape, args[0].dtype)))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x),
+                   jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
+  return calls
+
+
+def _kernel_program(layer, op):
+  """`(params, x, g) -> ...`: one layer's `op` (of `KERNEL_OPS`), jitted."""
+  apply = lambda p, x: layer.apply({"params": p}, x)
+  if op == "forward":
+    return jax.jit(lambda p, x, g: apply(p, x))
+  if op == "input_grad":
+    return jax.jit(lambda p, x, g: jax.vjp(lambda z: apply(p, z), x)[1](g))
+  return jax.jit(lambda p, x, g: jax.vjp(lambda q: apply(q, x), p)[1](g))
+
+
+def kernel_floor_terms(record: dict[str, Any],
+                       platform: Optional[str] = None
+                       ) -> Optional[list[dict[str, Any]]]:
+  """The layer kernels an ig, pgd or train record runs, counted by hand.
+
+  With F, B and K the sums over the model's conv and dense layers of the
+  forward, input-gradient and kernel-gradient times at one batch, and B1
+  the first layer's input gradient (which a gradient in the parameters does
+  not need): IG and PGD run F + B per point or step; a parameter gradient of
+  a loss F + B - B1 + K; the gradient of an input gradient, in the input,
+  2 (F + B) (the transposed ops cost what the ops they mirror cost), and in
+  the parameters 2 F + 2 B - B1 + 2 K. Chunked IG runs each sum at the
+  chunk's images, points / chunk points times. Madry: PGD, the clean
+  forward (reported) and the adversarial loss's gradient. TRADES: PGD on
+  the KL, and the clean and adversarial losses' gradients. IG-NORM: PGD on
+  `||IG_{m/c}||_1` (its chunks as `objectives` takes them), the gradient of
+  `||IG_m||_1` and of the clean loss, and the adversarial forward
+  (reported); IG-SUM-NORM adds the loss's gradient to every PGD step.
+  A forward that repeats one counted already (the same parameters and
+  inputs: the step's adversarial logits for its metrics, TRADES's
+  adversarial cross-entropy) is counted once, since XLA may compute it
+  once; so is nothing outside the layers (IG's weighted sum of points).
+
+  Args:
+    record: an ig, pgd or train record (`workload`, `batch`, `ig_steps`,
+      `chunk_size_used`, `pgd_steps`, `objective`, `hyper`, `num_devices`).
+    platform: for the train steps' IG chunks; None: JAX's default backend.
+
+  Returns:
+    `[{"times", "batch", "forward", "input_grad", "first_input_grad",
+    "kernel_grad"}]` (the last four: coefficients of F, B, B1, K at
+    `batch`, summed `times` times), or None for other records and for
+    steps on more than one device.
+
+  Example:
+    >>> kernel_floor_terms(dict(workload="pgd", batch=50, pgd_steps=40))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    [{'times': 40, 'batch': 50, 'forward': 1, 'input_grad': 1,
+      'first_input_grad': 0, 'kernel_grad': 0}]
+  """
+  def term(times, batch, f=0, b=0, b1=0, k=0):
+    return dict(times=times, batch=batch, forward=f, input_grad=b,
+                first_input_grad=b1, kernel_grad=k)
+
+  workload, batch = record.get("workload"), record.get("batch")
+  if workload == "ig":
+    points = record["ig_steps"]
+    chunk = record["chunk_size_used"] or points
+    return [term(points / chunk, chunk * batch, f=1, b=1)]
+  if workload == "pgd":
+    return [term(record["pgd_steps"], batch, f=1, b=1)]
+  if workload != "train" or record.get("num_devices", 1) != 1:
+    return None
+  objective, hyper = record["objective"], record["hyper"]
+  loss_grad = term(1, batch, f=1, b=1, b1=-1, k=1)
+  if objective == "natural":
+    return [loss_grad]
+  steps = hyper["num_steps"]
+  if objective == "madry":
+    return [term(steps, batch, f=1, b=1), term(1, batch, f=1), loss_grad]
+  if objective == "trades":
+    return [term(steps, batch, f=1, b=1), term(2, batch, f=1, b=1, b1=-1,
+                                                k=1)]
+  m = hyper["m"]
+  inner = m // hyper["approx_factor"]
+  inner_chunk = unrolled_chunk_size(batch, inner, platform) or inner
+  outer_chunk = auto_chunk_size(batch, m, platform) or m
+  terms = [term(steps * inner / inner_chunk, inner_chunk * batch, f=2, b=2)]
+  if objective == "ig_sum_norm":
+    terms.append(term(steps, batch, f=1, b=1))
+  return terms + [term(m / outer_chunk, outer_chunk * batch, f=2, b=2, b1=-1,
+                       k=2),
+                  loss_grad, term(1, batch, f=1)]
+
+
+def _kernel_sums(kernel_records) -> dict[int, dict[str, float]]:
+  """`{batch: {"forward", "input_grad", "first_input_grad", "kernel_grad"}}`."""
+  sums = {}
+  for r in kernel_records:
+    entry = sums.setdefault(r["batch"], dict.fromkeys(
+        ("forward", "input_grad", "first_input_grad", "kernel_grad"), 0.0))
+    entry[r["op"]] += r["median_s"]
+    if r["op"] == "input_grad" and r["layer_index"] == 0:
+      entry["first_input_grad"] += r["median_s"]
+  return sums
+
+
+def attach_kernel_floors(records, kernel_records) -> None:
+  """Adds `kernel_floor_s`, its terms and `over_kernel_floor` to `records`.
+
+  Args:
+    records: the run's records; ig, pgd and train records at the top level
+      (not sweeps) whose terms (`kernel_floor_terms`) were all timed get the
+      fields.
+    kernel_records: the kernels workload's records.
+  """
+  sums = _kernel_sums(kernel_records)
+  for r in records:
+    terms = kernel_floor_terms(r) if r.get("sweep") is None else None
+    if not terms or any(t["batch"] not in sums for t in terms):
+      continue
+    floor = sum(t["times"] * sum(t[k] * sums[t["batch"]][k] for k in (
+        "forward", "input_grad", "first_input_grad", "kernel_grad"))
+                for t in terms)
+    r["kernel_floor_terms"] = terms
+    r["kernel_floor_s"] = floor
+    r["over_kernel_floor"] = r["median_s"] / floor
 
 
 def matmul_peak(size: int, settings: Settings) -> dict[str, Any]:
@@ -1067,6 +1278,14 @@ def run(settings: Settings) -> dict[str, Any]:
     records.extend(dict(r, **top) for r in w.attack(s.attack_batch))
   if "loop" in s.workloads:
     records.append(dict(w.loop(s.loop_objective, s.train_batch), **top))
+  if "kernels" in s.workloads:
+    # At the batches the records above run their layers (else --pgd_batch).
+    batches = sorted({t["batch"] for r in records
+                      for t in kernel_floor_terms(r) or ()}
+                     or {s.pgd_batch})
+    kernel_records = [dict(r, **top) for r in w.kernels(batches)]
+    attach_kernel_floors(records, kernel_records)
+    records.extend(kernel_records)
 
   if "batch" in s.sweeps:
     for batch in s.sweep_batch_sizes:
@@ -1150,6 +1369,9 @@ def format_table(result: dict[str, Any]) -> str:
     if "speedup_batched_vs_one_at_a_time" in r:
       notes.append(f"batched is {r['speedup_batched_vs_one_at_a_time']:.2f}x "
                    "faster per example")
+    if "kernel_floor_s" in r:
+      notes.append(f"kernels alone {r['kernel_floor_s']:.4g} s (median "
+                   f"{r['over_kernel_floor']:.2f}x)")
     if r["flops_method"] != "xla_cost_analysis":
       notes.append("loop-corrected FLOPs")
     gflop = _scaled(r.get("flops"), 1e-9)

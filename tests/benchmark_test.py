@@ -29,7 +29,7 @@ _TINY = dict(
     model="tiny_cnn", repeats="1", warmup="0", matmul_size="32", ig_batch="2",
     ig_steps="4", chunk_size="2", pgd_batch="2", pgd_steps="2,4",
     train_batch="2", train_ig_steps="4", train_approx_factor="2",
-    train_pgd_steps="2", objectives="natural,madry", attack_batch="1",
+    train_pgd_steps="2", objectives="natural,madry,ig_norm", attack_batch="1",
     attack_steps="2", attack_restarts="2", attack_ig_steps="4",
     loop_steps="4", loop_log_every="2", sweeps="batch,ig_steps,devices",
     sweep_batch_sizes="1,2", sweep_ig_steps="2,8", sweep_objective="natural")
@@ -88,8 +88,11 @@ def test_every_workload_and_sweep_point_has_a_complete_record(tiny_run):
         (r["workload"], r["sweep"]), 0) + 1
   assert counts == {
       ("matmul_peak", None): 1, ("ig", None): 1, ("pgd", None): 2,
-      ("train", None): 2, ("attack", None): 2, ("loop", None): 1,
-      ("ig", "batch"): 2,
+      ("train", None): 3, ("attack", None): 2, ("loop", None): 1,
+      # tiny_cnn's 4 layers x 3 kernels x 3 batches (2: PGD and the train
+      # steps; 4: IG's chunks of 2 points x 2 images, and IG-NORM's inner
+      # IG; 8: IG-NORM's outer IG).
+      ("kernels", None): 36, ("ig", "batch"): 2,
       ("train", "batch"): 2, ("ig", "ig_steps"): 4, ("train", "devices"): 3}
   for r in result["records"]:
     name = r["name"]
@@ -149,6 +152,99 @@ def test_loop_times_the_trainer_against_its_step_alone(tiny_run):
                       sweep=None)
   assert loop["compiled_earlier"] and loop["flops"] == natural["flops"]
   assert loop["examples_per_s"] == pytest.approx(2 / loop["median_s"])
+
+
+def test_kernel_floors_count_the_layers_each_program_runs(tiny_run):
+  result, stdout = tiny_run
+  kernels = _records(result, workload="kernels")
+  by_key = {(r["batch"], r["layer"], r["op"]): r for r in kernels}
+  assert len(by_key) == len(kernels) == 36
+  for batch in (2, 4, 8):
+    assert [r["layer"] for r in kernels
+            if r["batch"] == batch and r["op"] == "forward"] == [
+                "conv1", "conv2", "fc1", "fc2"]
+  conv2 = by_key[(4, "conv2", "kernel_grad")]
+  assert conv2["input_shape"] == [4, 14, 14, 2]
+  assert conv2["kernel_shape"] == [3, 3, 2, 4]
+  assert conv2["calls_per_timing"] == benchmark.KERNEL_CALLS
+
+  def sums(field, batch, f=0, b=0, b1=0, k=0):
+    """f F + b B + b1 B1 + k K: the layers' `field` (seconds or FLOPs)."""
+    total = 0.0
+    for (bt, layer, op), r in by_key.items():
+      if bt == batch:
+        coef = dict(forward=f, input_grad=b, kernel_grad=k)[op]
+        if op == "input_grad" and layer == "conv1":
+          coef += b1
+        total += coef * r[field]
+    return total
+
+  # The terms, written out here for _TINY's settings: batch 2 (IG: chunks of
+  # 2 points x 2 images), IG 4 points, PGD 2 and 4 steps, Madry 2 PGD steps.
+  expected = {
+      "ig B=2 m=4 chunk=2": [(2, 4, dict(f=1, b=1))],
+      "pgd B=2 steps=2": [(2, 2, dict(f=1, b=1))],
+      "pgd B=2 steps=4": [(4, 2, dict(f=1, b=1))],
+      "train natural B=2": [(1, 2, dict(f=1, b=1, b1=-1, k=1))],
+      "train madry B=2": [(2, 2, dict(f=1, b=1)), (1, 2, dict(f=1)),
+                          (1, 2, dict(f=1, b=1, b1=-1, k=1))],
+      # IG-NORM, m 4 / approx_factor 2: 2 PGD steps on the gradient of an
+      # input gradient at 2 points (one chunk of 2 x 2 images); the gradient
+      # of IG_4 in the parameters (one chunk of 4 x 2); the clean loss's
+      # gradient; the adversarial forward.
+      "train ig_norm B=2": [(2, 4, dict(f=2, b=2)),
+                            (1, 8, dict(f=2, b=2, b1=-1, k=2)),
+                            (1, 2, dict(f=1, b=1, b1=-1, k=1)),
+                            (1, 2, dict(f=1))],
+  }
+  floored = {r["name"]: r for r in result["records"]
+             if "kernel_floor_s" in r}
+  assert set(floored) == set(expected)   # not the sweeps, not the attack
+  for name, terms in expected.items():
+    r = floored[name]
+    floor = sum(n * sums("median_s", batch, **c) for n, batch, c in terms)
+    assert r["kernel_floor_s"] == pytest.approx(floor, rel=1e-9), name
+    assert r["over_kernel_floor"] == pytest.approx(r["median_s"] / floor)
+    # The mathematics of the count: the same terms applied to the layers'
+    # FLOPs give the FLOPs of the convolutions and matmuls the program runs
+    # (its jaxpr's), less what the floor leaves out on purpose: the train
+    # step's adversarial logits for its metrics repeat a counted forward, and
+    # IG's weighted sum of the points is no layer.
+    flops = sum(n * sums("flops_matmul_jaxpr", batch, **c)
+                for n, batch, c in terms)
+    if r["workload"] == "train":
+      flops += sums("flops_matmul_jaxpr", 2, f=1)
+    if r["workload"] == "ig" or r.get("objective") == "ig_norm":
+      # IG's weighted sums (and their transposes) are about 1 % of the
+      # FLOPs here; the smallest term, a forward, is 2.3 % of IG-NORM's.
+      assert r["flops_matmul_jaxpr"] == pytest.approx(flops, rel=0.015), name
+    else:
+      assert r["flops_matmul_jaxpr"] == pytest.approx(flops, rel=1e-6), name
+  assert "kernels alone" in stdout
+
+
+def test_kernel_floor_terms_of_the_inner_maximisations():
+  # IG-NORM, m 50 / approx_factor 5, 40 PGD steps, batch 50, on CPU: the
+  # inner IG of 10 points in unrolled chunks of 1 point (50 images), the
+  # outer IG of 50 points in chunks of 1 point.
+  record = dict(workload="train", batch=50, num_devices=1,
+                objective="ig_norm",
+                hyper=dict(num_steps=40, m=50, approx_factor=5))
+  terms = benchmark.kernel_floor_terms(record, platform="cpu")
+  as_tuples = [(t["times"], t["batch"], t["forward"], t["input_grad"],
+                t["first_input_grad"], t["kernel_grad"]) for t in terms]
+  assert as_tuples == [(400, 50, 2, 2, 0, 0), (50, 50, 2, 2, -1, 2),
+                       (1, 50, 1, 1, -1, 1), (1, 50, 1, 0, 0, 0)]
+  # IG-SUM-NORM adds the loss's input gradient to every PGD step; on a GPU
+  # every IG takes all its points at once.
+  record.update(objective="ig_sum_norm")
+  terms = benchmark.kernel_floor_terms(record, platform="gpu")
+  as_tuples = [(t["times"], t["batch"], t["forward"], t["input_grad"])
+               for t in terms]
+  assert as_tuples[:3] == [(40, 500, 2, 2), (40, 50, 1, 1), (1, 2500, 2, 2)]
+  # On several devices, or for other workloads, there is no floor.
+  assert benchmark.kernel_floor_terms(dict(record, num_devices=2)) is None
+  assert benchmark.kernel_floor_terms(dict(workload="attack")) is None
 
 
 def test_json_file_matches_the_flags_and_the_printed_table(tiny_run):
