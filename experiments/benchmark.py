@@ -28,7 +28,8 @@ sample, or --data_npz). Workloads (--workloads, default all):
                (data, keys, placement, checks) beyond the compiled step.
   kernels      every conv and dense layer's forward, input gradient and
                kernel gradient alone (the layer's own function without its
-               bias, `KERNEL_CALLS` calls back to back per timing), at the
+               bias, `KERNEL_CALLS` calls back to back per timing; half
+               the repeats before the other workloads, half after), at the
                batches the ig, pgd and train records run them; those
                records then get `kernel_floor_s`, the time their layers'
                kernels would take alone, and `over_kernel_floor` (median /
@@ -753,6 +754,11 @@ class _Workloads:
         **self.pgd_kwargs)
     return self._analytic(record, batch * steps)
 
+  def train_hyper(self, objective):
+    """The hyper-parameters a train record of `objective` reports."""
+    hyper = train.objective_hyper(_objective_config(objective, self.s))
+    return {k: v for k, v in hyper.items() if v is not None}
+
   def _train_program(self, objective, per_device_batch, num_devices):
     """`(step_fn, args, hyper)`: a train step and its first arguments."""
     config = _objective_config(objective, self.s)
@@ -866,11 +872,14 @@ class _Workloads:
                  record["median_s"], record["step_alone_s"])
     return record
 
-  def kernels(self, batches):
-    """Each conv and dense layer's kernels alone, at each of `batches`."""
+  def kernel_plan(self, batches):
+    """Each conv and dense layer's kernels at each of `batches`, compiled.
+
+    Returns entries for `time_kernels` (which adds timings to them) and
+    `kernel_records`.
+    """
     model = models.get_model(self.s.model, num_classes=NUM_CLASSES)
-    settings = dataclasses.replace(self.s, warmup=max(1, self.s.warmup))
-    records = []
+    plan = []
     for batch in batches:
       layers = linear_layers(model, (batch,) + tuple(self.image_shape))
       for index, (path, layer, x_struct) in enumerate(layers):
@@ -883,24 +892,36 @@ class _Workloads:
           fn, args = _kernel_program(layer, op), (params, x, g)
           entry, _ = _compile(fn, args, cache=self.cache,
                               cache_key=("kernel", path, op, batch))
-          compiled = entry["compiled"]
+          plan.append(dict(
+              entry=entry, args=args, times=[], record=dict(
+                  name=f"kernel {path} {op} B={batch}", workload="kernels",
+                  layer=path, layer_index=index, op=op, batch=batch,
+                  calls_per_timing=KERNEL_CALLS, input_shape=list(x.shape),
+                  kernel_shape=list(params["kernel"].shape),
+                  compiled_earlier=False)))
+    return plan
 
-          def calls(compiled=compiled, args=args):
-            return [compiled(*args) for _ in range(KERNEL_CALLS)]
+  def time_kernels(self, plan, *, warmup, repeats):
+    """Times every kernel of `plan` `repeats` times (KERNEL_CALLS calls each)."""
+    for item in plan:
+      compiled, args = item["entry"]["compiled"], item["args"]
 
-          times = [t / KERNEL_CALLS for t in _run_timed(
-              calls, settings.warmup, settings.repeats)]
-          record = dict(name=f"kernel {path} {op} B={batch}",
-                        workload="kernels", layer=path, layer_index=index,
-                        op=op, batch=batch, calls_per_timing=KERNEL_CALLS,
-                        input_shape=list(x.shape),
-                        kernel_shape=list(params["kernel"].shape),
-                        compiled_earlier=False)
-          record.update(_summary(times, lower_s=entry["lower_s"],
-                                 compile_s=entry["compile_s"]))
-          record.update(entry["analysis"])
-          _add_rates(record, peak=self.peak, num_examples=batch)
-          records.append(record)
+      def calls(compiled=compiled, args=args):
+        return [compiled(*args) for _ in range(KERNEL_CALLS)]
+
+      item["times"] += [t / KERNEL_CALLS
+                        for t in _run_timed(calls, warmup, repeats)]
+
+  def kernel_records(self, plan):
+    """The kernels workload's records, from `plan`'s timings."""
+    records = []
+    for item in plan:
+      entry, record = item["entry"], dict(item["record"])
+      record.update(_summary(item["times"], lower_s=entry["lower_s"],
+                             compile_s=entry["compile_s"]))
+      record.update(entry["analysis"])
+      _add_rates(record, peak=self.peak, num_examples=record["batch"])
+      records.append(record)
     return records
 
   def _attack_fn(self, batch):
@@ -1098,6 +1119,28 @@ def kernel_floor_terms(record: dict[str, Any],
                   loss_grad, term(1, batch, f=1)]
 
 
+def _kernel_batches(s: Settings, workloads) -> list[int]:
+  """The batches the ig, pgd and train records of `s` run their layers at.
+
+  The terms of the records `run` will make (`kernel_floor_terms`), from the
+  settings alone; --pgd_batch where none of those workloads runs.
+  """
+  planned = []
+  if "ig" in s.workloads:
+    planned += [dict(workload="ig", batch=s.ig_batch, ig_steps=steps,
+                     chunk_size_used=s.chunk_size or auto_chunk_size(
+                         s.ig_batch, steps)) for steps in s.ig_steps]
+  if "pgd" in s.workloads:
+    planned += [dict(workload="pgd", batch=s.pgd_batch, pgd_steps=steps)
+                for steps in s.pgd_steps]
+  if "train" in s.workloads:
+    planned += [dict(workload="train", batch=s.train_batch, num_devices=1,
+                     objective=objective, hyper=workloads.train_hyper(
+                         objective)) for objective in s.objectives]
+  return sorted({t["batch"] for r in planned for t in kernel_floor_terms(r)}
+                or {s.pgd_batch})
+
+
 def _kernel_sums(kernel_records) -> dict[int, dict[str, float]]:
   """`{batch: {"forward", "input_grad", "first_input_grad", "kernel_grad"}}`."""
   sums = {}
@@ -1260,6 +1303,13 @@ def run(settings: Settings) -> dict[str, Any]:
   result["header"]["analytic_flops_per_example"] = w.analytic
   result["header"]["image_shape"] = list(w.image_shape)
   top = dict(sweep=None)
+  kernel_plan = None
+  if "kernels" in s.workloads:
+    # Timed half before the workloads and half after them, so that a shared
+    # machine's drift affects the floors and the records alike.
+    kernel_plan = w.kernel_plan(_kernel_batches(s, w))
+    w.time_kernels(kernel_plan, warmup=max(1, s.warmup),
+                   repeats=(s.repeats + 1) // 2)
   if "ig" in s.workloads:
     for steps in s.ig_steps:
       name = f"ig B={s.ig_batch} m={steps}" + (
@@ -1278,12 +1328,9 @@ def run(settings: Settings) -> dict[str, Any]:
     records.extend(dict(r, **top) for r in w.attack(s.attack_batch))
   if "loop" in s.workloads:
     records.append(dict(w.loop(s.loop_objective, s.train_batch), **top))
-  if "kernels" in s.workloads:
-    # At the batches the records above run their layers (else --pgd_batch).
-    batches = sorted({t["batch"] for r in records
-                      for t in kernel_floor_terms(r) or ()}
-                     or {s.pgd_batch})
-    kernel_records = [dict(r, **top) for r in w.kernels(batches)]
+  if kernel_plan:
+    w.time_kernels(kernel_plan, warmup=0, repeats=s.repeats // 2)
+    kernel_records = [dict(r, **top) for r in w.kernel_records(kernel_plan)]
     attach_kernel_floors(records, kernel_records)
     records.extend(kernel_records)
 

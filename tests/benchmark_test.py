@@ -200,6 +200,10 @@ def test_kernel_floors_count_the_layers_each_program_runs(tiny_run):
   floored = {r["name"]: r for r in result["records"]
              if "kernel_floor_s" in r}
   assert set(floored) == set(expected)   # not the sweeps, not the attack
+  # The kernels were timed (before the workloads ran) at the batches the
+  # records' terms need, no more.
+  assert {r["batch"] for r in kernels} == {
+      t["batch"] for r in floored.values() for t in r["kernel_floor_terms"]}
   for name, terms in expected.items():
     r = floored[name]
     floor = sum(n * sums("median_s", batch, **c) for n, batch, c in terms)
