@@ -27,8 +27,10 @@ sample, or --data_npz). Workloads (--workloads, default all):
                device, against its step alone: the trainer's per-step cost
                (data, keys, placement, checks) beyond the compiled step.
   kernels      every conv and dense layer's forward, input gradient and
-               kernel gradient alone (the layer's own function without its
-               bias, `KERNEL_CALLS` calls back to back per timing; half
+               kernel gradient alone, and the input gradient's transpose
+               and kernel gradient (which a gradient of an input gradient
+               runs; the layer's own function without its bias,
+               `KERNEL_CALLS` calls back to back per timing; half
                the repeats before the other workloads, half after), at the
                batches the ig, pgd and train records run them; those
                records then get `kernel_floor_s`, the time their layers'
@@ -991,7 +993,12 @@ class _Workloads:
 
 # --- The kernels alone: a floor under the ig, pgd and train records. ---------
 
-KERNEL_OPS = ("forward", "input_grad", "kernel_grad")
+# The last two are what differentiating an input gradient runs: the input
+# gradient's own transpose (in its output gradient) and its kernel gradient.
+KERNEL_OPS = ("forward", "input_grad", "kernel_grad", "input_grad_transpose",
+              "input_grad_kernel_grad")
+_FLOOR_KEYS = ("forward", "input_grad", "first_input_grad", "kernel_grad",
+               "input_grad_transpose", "input_grad_kernel_grad")
 # Calls of one kernel back to back per timing (one call is a few ms on CPU).
 KERNEL_CALLS = 10
 
@@ -1037,11 +1044,21 @@ def linear_layers(model: nn.Module, input_shape) -> list[tuple[str, Any, Any]]:
 def _kernel_program(layer, op):
   """`(params, x, g) -> ...`: one layer's `op` (of `KERNEL_OPS`), jitted."""
   apply = lambda p, x: layer.apply({"params": p}, x)
+  input_grad = lambda p, x, g: jax.vjp(lambda z: apply(p, z), x)[1](g)[0]
   if op == "forward":
     return jax.jit(lambda p, x, g: apply(p, x))
   if op == "input_grad":
-    return jax.jit(lambda p, x, g: jax.vjp(lambda z: apply(p, z), x)[1](g))
-  return jax.jit(lambda p, x, g: jax.vjp(lambda q: apply(q, x), p)[1](g))
+    return jax.jit(input_grad)
+  if op == "kernel_grad":
+    return jax.jit(lambda p, x, g: jax.vjp(lambda q: apply(q, x), p)[1](g))
+  # Differentiating the input gradient, with x (its shape) as the cotangent.
+  if op == "input_grad_transpose":
+    return jax.jit(lambda p, x, g: jax.vjp(
+        lambda h: input_grad(p, x, h), g)[1](x))
+  if op == "input_grad_kernel_grad":
+    return jax.jit(lambda p, x, g: jax.vjp(
+        lambda q: input_grad(q, x, g), p)[1](x))
+  raise ValueError(f"Unknown kernel op {op!r}; accepted: {KERNEL_OPS}.")
 
 
 def kernel_floor_terms(record: dict[str, Any],
@@ -1050,22 +1067,24 @@ def kernel_floor_terms(record: dict[str, Any],
   """The layer kernels an ig, pgd or train record runs, counted by hand.
 
   With F, B and K the sums over the model's conv and dense layers of the
-  forward, input-gradient and kernel-gradient times at one batch, and B1
-  the first layer's input gradient (which a gradient in the parameters does
-  not need): IG and PGD run F + B per point or step; a parameter gradient of
-  a loss F + B - B1 + K; the gradient of an input gradient, in the input,
-  2 (F + B) (the transposed ops cost what the ops they mirror cost), and in
-  the parameters 2 F + 2 B - B1 + 2 K. Chunked IG runs each sum at the
-  chunk's images, points / chunk points times. Madry: PGD, the clean
-  forward (reported) and the adversarial loss's gradient. TRADES: PGD on
-  the KL, and the clean and adversarial losses' gradients. IG-NORM: PGD on
-  `||IG_{m/c}||_1` (its chunks as `objectives` takes them), the gradient of
-  `||IG_m||_1` and of the clean loss, and the adversarial forward
-  (reported); IG-SUM-NORM adds the loss's gradient to every PGD step.
-  A forward that repeats one counted already (the same parameters and
-  inputs: the step's adversarial logits for its metrics, TRADES's
-  adversarial cross-entropy) is counted once, since XLA may compute it
-  once; so is nothing outside the layers (IG's weighted sum of points).
+  forward, input-gradient and kernel-gradient times at one batch, B1 the
+  first layer's input gradient (which a gradient in the parameters does not
+  need), and T and KB the sums of the input gradients' transposes and
+  kernel gradients (what differentiating an input gradient runs): IG and PGD
+  run F + B per point or step; a parameter gradient of a loss F + B - B1 +
+  K; the gradient of an input gradient, in the input, F + 2 B + T, and in
+  the parameters F + 2 B - B1 + T + KB + K. Chunked IG runs each sum at the
+  chunk's images, once per chunk (a last, smaller chunk at its own batch).
+  Madry: PGD, the clean forward (reported) and the adversarial loss's
+  gradient. TRADES: PGD on the KL, and the clean and adversarial losses'
+  gradients. IG-NORM: PGD on `||IG_{m/c}||_1` (its chunks as `objectives`
+  takes them), the gradient of `||IG_m||_1` and of the clean loss, and the
+  adversarial forward (reported); IG-SUM-NORM adds the loss's gradient to
+  every PGD step. A forward that repeats one counted already (the same
+  parameters and inputs: the step's adversarial logits for its metrics,
+  TRADES's adversarial cross-entropy) is counted once, since XLA may
+  compute it once; so is nothing outside the layers (IG's weighted sum of
+  points).
 
   Args:
     record: an ig, pgd or train record (`workload`, `batch`, `ig_steps`,
@@ -1074,25 +1093,34 @@ def kernel_floor_terms(record: dict[str, Any],
 
   Returns:
     `[{"times", "batch", "forward", "input_grad", "first_input_grad",
-    "kernel_grad"}]` (the last four: coefficients of F, B, B1, K at
-    `batch`, summed `times` times), or None for other records and for
-    steps on more than one device.
+    "kernel_grad", "input_grad_transpose", "input_grad_kernel_grad"}]` (the
+    coefficients of F, B, B1, K, T and KB at `batch`, summed `times`
+    times), or None for other records and for steps on more than one
+    device.
 
   Example:
     >>> kernel_floor_terms(dict(workload="pgd", batch=50, pgd_steps=40))
     ... # doctest: +NORMALIZE_WHITESPACE
     [{'times': 40, 'batch': 50, 'forward': 1, 'input_grad': 1,
-      'first_input_grad': 0, 'kernel_grad': 0}]
+      'first_input_grad': 0, 'kernel_grad': 0, 'input_grad_transpose': 0,
+      'input_grad_kernel_grad': 0}]
   """
-  def term(times, batch, f=0, b=0, b1=0, k=0):
+  def term(times, batch, f=0, b=0, b1=0, k=0, t=0, kb=0):
     return dict(times=times, batch=batch, forward=f, input_grad=b,
-                first_input_grad=b1, kernel_grad=k)
+                first_input_grad=b1, kernel_grad=k, input_grad_transpose=t,
+                input_grad_kernel_grad=kb)
+
+  def chunked(points, chunk, batch, **coefficients):
+    """IG of `points` in chunks of `chunk` points (None: all at once)."""
+    chunk = min(chunk or points, points)
+    full, rest = divmod(points, chunk)
+    return [term(full, chunk * batch, **coefficients)] + (
+        [term(1, rest * batch, **coefficients)] if rest else [])
 
   workload, batch = record.get("workload"), record.get("batch")
   if workload == "ig":
-    points = record["ig_steps"]
-    chunk = record["chunk_size_used"] or points
-    return [term(points / chunk, chunk * batch, f=1, b=1)]
+    return chunked(record["ig_steps"], record["chunk_size_used"], batch, f=1,
+                   b=1)
   if workload == "pgd":
     return [term(record["pgd_steps"], batch, f=1, b=1)]
   if workload != "train" or record.get("num_devices", 1) != 1:
@@ -1109,14 +1137,15 @@ def kernel_floor_terms(record: dict[str, Any],
                                                 k=1)]
   m = hyper["m"]
   inner = m // hyper["approx_factor"]
-  inner_chunk = unrolled_chunk_size(batch, inner, platform) or inner
-  outer_chunk = auto_chunk_size(batch, m, platform) or m
-  terms = [term(steps * inner / inner_chunk, inner_chunk * batch, f=2, b=2)]
+  terms = []
+  for t in chunked(inner, unrolled_chunk_size(batch, inner, platform), batch,
+                   f=1, b=2, t=1):
+    terms.append(dict(t, times=t["times"] * steps))
   if objective == "ig_sum_norm":
     terms.append(term(steps, batch, f=1, b=1))
-  return terms + [term(m / outer_chunk, outer_chunk * batch, f=2, b=2, b1=-1,
-                       k=2),
-                  loss_grad, term(1, batch, f=1)]
+  return terms + chunked(m, auto_chunk_size(batch, m, platform), batch, f=1,
+                         b=2, b1=-1, t=1, kb=1, k=1) + [
+                             loss_grad, term(1, batch, f=1)]
 
 
 def _kernel_batches(s: Settings, workloads) -> list[int]:
@@ -1142,11 +1171,10 @@ def _kernel_batches(s: Settings, workloads) -> list[int]:
 
 
 def _kernel_sums(kernel_records) -> dict[int, dict[str, float]]:
-  """`{batch: {"forward", "input_grad", "first_input_grad", "kernel_grad"}}`."""
+  """`{batch: {key: seconds}}`, the keys `_FLOOR_KEYS`."""
   sums = {}
   for r in kernel_records:
-    entry = sums.setdefault(r["batch"], dict.fromkeys(
-        ("forward", "input_grad", "first_input_grad", "kernel_grad"), 0.0))
+    entry = sums.setdefault(r["batch"], dict.fromkeys(_FLOOR_KEYS, 0.0))
     entry[r["op"]] += r["median_s"]
     if r["op"] == "input_grad" and r["layer_index"] == 0:
       entry["first_input_grad"] += r["median_s"]
@@ -1167,9 +1195,8 @@ def attach_kernel_floors(records, kernel_records) -> None:
     terms = kernel_floor_terms(r) if r.get("sweep") is None else None
     if not terms or any(t["batch"] not in sums for t in terms):
       continue
-    floor = sum(t["times"] * sum(t[k] * sums[t["batch"]][k] for k in (
-        "forward", "input_grad", "first_input_grad", "kernel_grad"))
-                for t in terms)
+    floor = sum(t["times"] * sum(t[k] * sums[t["batch"]][k]
+                                 for k in _FLOOR_KEYS) for t in terms)
     r["kernel_floor_terms"] = terms
     r["kernel_floor_s"] = floor
     r["over_kernel_floor"] = r["median_s"] / floor
