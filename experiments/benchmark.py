@@ -668,6 +668,16 @@ def _batch(images, labels, size):
   return jnp.asarray(images[idx]), jnp.asarray(labels[idx])
 
 
+def _chunk_size_used(chunk_size, batch, steps):
+  """The IG chunk size `chunk_size` ("auto", an int or None) stands for."""
+  return auto_chunk_size(batch, steps) if chunk_size == "auto" else chunk_size
+
+
+def _reported_hyper(hyper):
+  """A train record's `hyper`: the objective's hyper-parameters that are set."""
+  return {k: v for k, v in hyper.items() if v is not None}
+
+
 def _objective_config(name: str, settings: Settings):
   """The paper's MNIST preset of an objective, with the benchmark's sizes."""
   if name in paper.METHODS:
@@ -735,8 +745,7 @@ class _Workloads:
                                                      chunk_size),
         num_examples=batch, workload="ig", batch=batch,
         ig_steps=steps, chunk_size=chunk_size,
-        chunk_size_used=(auto_chunk_size(batch, steps) if chunk_size == "auto"
-                         else chunk_size), **extra)
+        chunk_size_used=_chunk_size_used(chunk_size, batch, steps), **extra)
     return self._analytic(record, batch * steps)
 
   def pgd(self, batch, steps):
@@ -755,11 +764,6 @@ class _Workloads:
         num_examples=batch, workload="pgd", batch=batch, pgd_steps=steps,
         **self.pgd_kwargs)
     return self._analytic(record, batch * steps)
-
-  def train_hyper(self, objective):
-    """The hyper-parameters a train record of `objective` reports."""
-    hyper = train.objective_hyper(_objective_config(objective, self.s))
-    return {k: v for k, v in hyper.items() if v is not None}
 
   def _train_program(self, objective, per_device_batch, num_devices):
     """`(step_fn, args, hyper)`: a train step and its first arguments."""
@@ -795,7 +799,7 @@ class _Workloads:
         num_examples=batch, num_devices=num_devices, workload="train",
         objective=objective, batch=batch, per_device_batch=per_device_batch,
         parallel=self.s.parallel,
-        hyper={k: v for k, v in hyper.items() if v is not None}, **extra)
+        hyper=_reported_hyper(hyper), **extra)
     record["steps_per_s"] = 1.0 / record["median_s"]
     return record
 
@@ -856,7 +860,7 @@ class _Workloads:
                   objective=objective, batch=batch, parallel=s.parallel,
                   loop_steps=s.loop_steps, loop_log_every=s.loop_log_every,
                   steps_run=final["step"], compiled_earlier=reused,
-                  hyper={k: v for k, v in hyper.items() if v is not None})
+                  hyper=_reported_hyper(hyper))
     record.update(_summary([1.0 / r for r in rates[1:]],
                            lower_s=entry["lower_s"],
                            compile_s=entry["compile_s"]))
@@ -997,8 +1001,9 @@ class _Workloads:
 # gradient's own transpose (in its output gradient) and its kernel gradient.
 KERNEL_OPS = ("forward", "input_grad", "kernel_grad", "input_grad_transpose",
               "input_grad_kernel_grad")
-_FLOOR_KEYS = ("forward", "input_grad", "first_input_grad", "kernel_grad",
-               "input_grad_transpose", "input_grad_kernel_grad")
+# The sums a floor's terms weigh: each op's, and the first layer's input
+# gradient alone.
+_FLOOR_KEYS = KERNEL_OPS + ("first_input_grad",)
 # Calls of one kernel back to back per timing (one call is a few ms on CPU).
 KERNEL_CALLS = 10
 
@@ -1148,7 +1153,7 @@ def kernel_floor_terms(record: dict[str, Any],
                              loss_grad, term(1, batch, f=1)]
 
 
-def _kernel_batches(s: Settings, workloads) -> list[int]:
+def _kernel_batches(s: Settings) -> list[int]:
   """The batches the ig, pgd and train records of `s` run their layers at.
 
   The terms of the records `run` will make (`kernel_floor_terms`), from the
@@ -1157,15 +1162,18 @@ def _kernel_batches(s: Settings, workloads) -> list[int]:
   planned = []
   if "ig" in s.workloads:
     planned += [dict(workload="ig", batch=s.ig_batch, ig_steps=steps,
-                     chunk_size_used=s.chunk_size or auto_chunk_size(
-                         s.ig_batch, steps)) for steps in s.ig_steps]
+                     chunk_size_used=_chunk_size_used(
+                         s.chunk_size or "auto", s.ig_batch, steps))
+                for steps in s.ig_steps]
   if "pgd" in s.workloads:
     planned += [dict(workload="pgd", batch=s.pgd_batch, pgd_steps=steps)
                 for steps in s.pgd_steps]
   if "train" in s.workloads:
     planned += [dict(workload="train", batch=s.train_batch, num_devices=1,
-                     objective=objective, hyper=workloads.train_hyper(
-                         objective)) for objective in s.objectives]
+                     objective=objective, hyper=_reported_hyper(
+                         train.objective_hyper(_objective_config(objective,
+                                                                 s))))
+                for objective in s.objectives]
   return sorted({t["batch"] for r in planned for t in kernel_floor_terms(r)}
                 or {s.pgd_batch})
 
@@ -1334,7 +1342,7 @@ def run(settings: Settings) -> dict[str, Any]:
   if "kernels" in s.workloads:
     # Timed half before the workloads and half after them, so that a shared
     # machine's drift affects the floors and the records alike.
-    kernel_plan = w.kernel_plan(_kernel_batches(s, w))
+    kernel_plan = w.kernel_plan(_kernel_batches(s))
     w.time_kernels(kernel_plan, warmup=max(1, s.warmup),
                    repeats=(s.repeats + 1) // 2)
   if "ig" in s.workloads:
