@@ -211,9 +211,9 @@ def _loops_of_length(jaxpr, length):
 def test_the_parameter_gradient_leaves_the_attack_loop_alone(name):
   """The attack's point is a constant of the outer loss, so `jax.grad` in
   the parameters must leave the attack's loop as the loss alone traces it.
-  Linearised in the parameters, the loop took its parameter-independent
-  values as hoisted constants (on the MNIST CNN, 583 MiB read at every
-  IG-NORM PGD step), and the training steps ran up to 1.27x as long."""
+  Linearised in the parameters, the loop carried its parameter-independent
+  values as hoisted constants (on the MNIST CNN, 521 MiB through IG-NORM's
+  PGD loop in XLA's program), and the training steps ran longer."""
   _, apply_fn, _ = models.make_apply_fns("tiny_cnn", num_classes=10)
   x, y = jnp.full((2, 28, 28, 1), 0.5), jnp.array([3, 7])
   params = jax.eval_shape(
