@@ -199,17 +199,18 @@ def _aux(ce, adv_ce, reg, adv_inputs, logits):
 
 
 def _constant(params):
-  """`params` for an inner maximisation, whose result is a constant anyway.
+  """The parameters held constant, for an inner maximisation.
 
-  The attacks stop the gradient of their result, but a closure over `params`
-  still has `jax.grad` in the parameters linearise the attack's loop in them
-  (to tangents it then drops), and JAX's partial evaluation hoists the loop
-  body's parameter-independent values out of the loop, to be carried through
-  it. For IG-NORM on the MNIST CNN, XLA's optimised program then carried 286
-  buffers of 521 MiB through the PGD loop; with the parameters constant, 70
-  of 12.7 MiB, and the training step took 0.74-0.92x as long on the CPU of
-  `BUILD.md` ("Performance", item 10). The values and gradients are the
-  same, bit for bit.
+  The attack's result is a constant of the outer loss (the attacks stop its
+  gradient). Closing over live parameters, the attack's loop was still
+  linearised in them by `jax.grad`, to tangents then dropped, and JAX's
+  partial evaluation hoisted the loop's loop-invariant values (those not
+  depending on the attack's iterate) out of it, to be carried through it.
+  For IG-NORM on the MNIST CNN, XLA's optimised program carried 286 buffers
+  of 521 MiB through the PGD loop; with the parameters constant, 70 of 12.7
+  MiB, and the training step took 0.74-0.92x as long on the 2-core CPU of
+  `BUILD.md` ("Performance", item 10; peak memory was unchanged). There the
+  values and gradients were the same, bit for bit.
   """
   return jax.lax.stop_gradient(params)
 
