@@ -231,6 +231,30 @@ def test_kernel_floors_count_the_layers_each_program_runs(tiny_run):
   assert "kernels alone" in stdout
 
 
+def test_kernels_are_timed_before_and_after_the_workloads(tmp_path,
+                                                        monkeypatch):
+  """With 3 repeats, 2 of each kernel's timings come before the workloads'
+  and 1 after them, and its record holds all 3."""
+  calls, run_timed = [], benchmark._run_timed
+
+  def spy(call, warmup, repeats):
+    calls.append(repeats)
+    return run_timed(call, warmup, repeats)
+
+  monkeypatch.setattr(benchmark, "_run_timed", spy)
+  path = str(tmp_path / "bench.json")
+  _run_main("--workloads=pgd,kernels", "--repeats=3", "--pgd_steps=2",
+            "--sweeps=", f"--output_json={path}")
+  with open(path) as f:
+    kernels = _records(json.load(f), workload="kernels")
+  n = len(kernels)     # 4 layers x 5 ops at each batch the settings plan
+  assert n >= 20 and n % 20 == 0
+  # The matmul peak, then n kernels before, PGD, then n kernels after.
+  assert calls[-n:] == [1] * n
+  assert calls[-2 * n - 1:-n] == [2] * n + [3]
+  assert all(len(r["times_s"]) == r["repeats"] == 3 for r in kernels)
+
+
 def test_kernel_floor_terms_of_the_inner_maximisations():
   # IG-NORM, m 50 / approx_factor 5, 40 PGD steps, batch 50, on CPU: the
   # inner IG of 10 points in unrolled chunks of 1 point (50 images), the
