@@ -57,20 +57,26 @@ def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argu
 
 
 @pytest.fixture
-def count_eqns():
-  """`count_eqns(fn, *args, primitive="scan")`: the equations of that
+def find_eqns():
+  """`find_eqns(fn, *args, primitive="scan")`: the equations of that
   primitive in `fn`'s jaxpr, nested ones (inside loops, jits, custom rules)
-  included."""
+  included, outer ones first."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax.extend import core as jex_core  # pylint: disable=g-import-not-at-top
 
-  def count(jaxpr, primitive):
-    n = 0
+  def find(jaxpr, primitive):
     for eqn in jaxpr.eqns:
-      n += eqn.primitive.name == primitive
+      if eqn.primitive.name == primitive:
+        yield eqn
       for sub in jex_core.jaxprs_in_params(eqn.params):
-        n += count(sub, primitive)
-    return n
+        yield from find(sub, primitive)
 
-  return lambda fn, *args, primitive="scan": count(
-      jax.make_jaxpr(fn)(*args).jaxpr, primitive)
+  return lambda fn, *args, primitive="scan": list(
+      find(jax.make_jaxpr(fn)(*args).jaxpr, primitive))
+
+
+@pytest.fixture
+def count_eqns(find_eqns):
+  """`count_eqns(fn, *args, primitive="scan")`: how many `find_eqns` finds."""
+  return lambda fn, *args, primitive="scan": len(
+      find_eqns(fn, *args, primitive=primitive))

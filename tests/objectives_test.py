@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend import core as jex_core
 
 from rar_jax import attribution
 from rar_jax import models
@@ -216,20 +215,9 @@ def test_outer_gradient_differentiates_through_ig_with_x_star_constant(
   assert float(jnp.max(jnp.abs(grad["conv"]))) > 0
 
 
-def _loops_of_length(jaxpr, length):
-  """(constants, body equations) of each `lax.scan` of `length` steps."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "scan" and eqn.params["length"] == length:
-      found.append((eqn.params["num_consts"],
-                    len(eqn.params["jaxpr"].jaxpr.eqns)))
-    for sub in jex_core.jaxprs_in_params(eqn.params):
-      found += _loops_of_length(sub, length)
-  return found
-
-
 @pytest.mark.parametrize("name", sorted(set(OBJECTIVES) - {"natural"}))
-def test_the_parameter_gradient_leaves_the_attack_loop_alone(name):
+def test_the_parameter_gradient_leaves_the_attack_loop_alone(name,
+                                                            find_eqns):
   """The parameter gradient leaves the attack's loop as the loss traces it.
 
   The attack's point is a constant of the outer loss. Linearised in the
@@ -238,19 +226,22 @@ def test_the_parameter_gradient_leaves_the_attack_loop_alone(name):
   program), and the training steps ran longer (BUILD.md, Performance, item
   10).
   """
-  _, apply_fn, _ = models.make_apply_fns("tiny_cnn", num_classes=10)
+  init_fn, apply_fn, _ = models.make_apply_fns("tiny_cnn", num_classes=10)
   x, y = jnp.full((2, 28, 28, 1), 0.5), jnp.array([3, 7])
-  params = jax.eval_shape(
-      lambda k: models.get_model("tiny_cnn", num_classes=10).init(k, x),
-      jax.random.key(0))["params"]
+  params = jax.eval_shape(init_fn, jax.random.key(0), x)
   steps = 7                              # no IG scan has this length
   run = lambda p: objectives.loss(name, apply_fn, p, x, y,
                                   key=jax.random.key(1), lam=0.5, gamma=1.0,
                                   **dict(HYPER, num_steps=steps))[0]
-  alone = _loops_of_length(jax.make_jaxpr(run)(params).jaxpr, steps)
+
+  def attack_loops(fn):
+    """(constants, body equations) of each scan of `steps` steps."""
+    return [(e.params["num_consts"], len(e.params["jaxpr"].jaxpr.eqns))
+            for e in find_eqns(fn, params) if e.params["length"] == steps]
+
+  alone = attack_loops(run)
   assert len(alone) == 1
-  assert _loops_of_length(jax.make_jaxpr(jax.grad(run))(params).jaxpr,
-                          steps) == alone
+  assert attack_loops(jax.grad(run)) == alone
 
 
 def test_inner_ig_uses_every_approx_factor_th_point(cnn_batch):
