@@ -1002,8 +1002,8 @@ class _Workloads:
 KERNEL_OPS = ("forward", "input_grad", "kernel_grad", "input_grad_transpose",
               "input_grad_kernel_grad")
 # The sums a floor's terms weigh: each op's, and the first layer's input
-# gradient alone.
-_FLOOR_KEYS = KERNEL_OPS + ("first_input_grad",)
+# gradient and its transpose alone.
+_FLOOR_KEYS = KERNEL_OPS + ("first_input_grad", "first_input_grad_transpose")
 # Calls of one kernel back to back per timing (one call is a few ms on CPU).
 KERNEL_CALLS = 10
 
@@ -1079,7 +1079,12 @@ def kernel_floor_terms(record: dict[str, Any],
   run F + B per point or step; a parameter gradient of a loss F + B - B1 +
   K; the gradient of an input gradient, in the input, F + 2 B + T, and in
   the parameters F + 2 B - B1 + T + KB + K. Chunked IG runs each sum at the
-  chunk's images, once per chunk (a last, smaller chunk at its own batch).
+  chunk's images, once per chunk (a last, smaller chunk at its own batch),
+  except the first layer's transpose T1 when IG is differentiated: its
+  input is the cotangent of the input gradients, the same at every point,
+  so it is counted once per chunk size (XLA:CPU computed it once per
+  gradient, outside the scan over chunks and once for unrolled chunks:
+  `BUILD.md`, Performance, item 11).
   Madry: PGD, the clean forward (reported) and the adversarial loss's
   gradient. TRADES: PGD on the KL, and the clean and adversarial losses'
   gradients. IG-NORM: PGD on `||IG_{m/c}||_1` (its chunks as `objectives`
@@ -1098,22 +1103,22 @@ def kernel_floor_terms(record: dict[str, Any],
 
   Returns:
     `[{"times", "batch", "forward", "input_grad", "first_input_grad",
-    "kernel_grad", "input_grad_transpose", "input_grad_kernel_grad"}]` (the
-    coefficients of F, B, B1, K, T and KB at `batch`, summed `times`
-    times), or None for other records and for steps on more than one
-    device.
+    "kernel_grad", "input_grad_transpose", "first_input_grad_transpose",
+    "input_grad_kernel_grad"}]` (the coefficients of F, B, B1, K, T, T1
+    and KB at `batch`, summed `times` times), or None for other records and
+    for steps on more than one device.
 
   Example:
     >>> kernel_floor_terms(dict(workload="pgd", batch=50, pgd_steps=40))
     ... # doctest: +NORMALIZE_WHITESPACE
     [{'times': 40, 'batch': 50, 'forward': 1, 'input_grad': 1,
       'first_input_grad': 0, 'kernel_grad': 0, 'input_grad_transpose': 0,
-      'input_grad_kernel_grad': 0}]
+      'first_input_grad_transpose': 0, 'input_grad_kernel_grad': 0}]
   """
-  def term(times, batch, f=0, b=0, b1=0, k=0, t=0, kb=0):
+  def term(times, batch, f=0, b=0, b1=0, k=0, t=0, t1=0, kb=0):
     return dict(times=times, batch=batch, forward=f, input_grad=b,
                 first_input_grad=b1, kernel_grad=k, input_grad_transpose=t,
-                input_grad_kernel_grad=kb)
+                first_input_grad_transpose=t1, input_grad_kernel_grad=kb)
 
   def chunked(points, chunk, batch, **coefficients):
     """IG of `points` in chunks of `chunk` points (None: all at once)."""
@@ -1121,6 +1126,11 @@ def kernel_floor_terms(record: dict[str, Any],
     full, rest = divmod(points, chunk)
     return [term(full, chunk * batch, **coefficients)] + (
         [term(1, rest * batch, **coefficients)] if rest else [])
+
+  def differentiated(points, chunk, batch, **coefficients):
+    """`chunked` for the gradient of an input gradient: T1 per chunk size."""
+    terms = chunked(points, chunk, batch, t=1, t1=-1, **coefficients)
+    return terms + [term(1, t["batch"], t1=1) for t in terms]
 
   workload, batch = record.get("workload"), record.get("batch")
   if workload == "ig":
@@ -1143,14 +1153,14 @@ def kernel_floor_terms(record: dict[str, Any],
   m = hyper["m"]
   inner = m // hyper["approx_factor"]
   terms = []
-  for t in chunked(inner, unrolled_chunk_size(batch, inner, platform), batch,
-                   f=1, b=2, t=1):
+  for t in differentiated(inner, unrolled_chunk_size(batch, inner, platform),
+                          batch, f=1, b=2):
     terms.append(dict(t, times=t["times"] * steps))
   if objective == "ig_sum_norm":
     terms.append(term(steps, batch, f=1, b=1))
-  return terms + chunked(m, auto_chunk_size(batch, m, platform), batch, f=1,
-                         b=2, b1=-1, t=1, kb=1, k=1) + [
-                             loss_grad, term(1, batch, f=1)]
+  return terms + differentiated(m, auto_chunk_size(batch, m, platform), batch,
+                                f=1, b=2, b1=-1, kb=1, k=1) + [
+                                    loss_grad, term(1, batch, f=1)]
 
 
 def _kernel_batches(s: Settings) -> list[int]:
@@ -1184,8 +1194,9 @@ def _kernel_sums(kernel_records) -> dict[int, dict[str, float]]:
   for r in kernel_records:
     entry = sums.setdefault(r["batch"], dict.fromkeys(_FLOOR_KEYS, 0.0))
     entry[r["op"]] += r["median_s"]
-    if r["op"] == "input_grad" and r["layer_index"] == 0:
-      entry["first_input_grad"] += r["median_s"]
+    if r["layer_index"] == 0 and r["op"] in ("input_grad",
+                                             "input_grad_transpose"):
+      entry["first_" + r["op"]] += r["median_s"]
   return sums
 
 

@@ -168,8 +168,8 @@ def test_kernel_floors_count_the_layers_each_program_runs(tiny_run):
   assert conv2["kernel_shape"] == [3, 3, 2, 4]
   assert conv2["calls_per_timing"] == benchmark.KERNEL_CALLS
 
-  def sums(field, batch, f=0, b=0, b1=0, k=0, t=0, kb=0):
-    """f F + b B + b1 B1 + k K + t T + kb KB: the layers' `field`."""
+  def sums(field, batch, f=0, b=0, b1=0, k=0, t=0, t1=0, kb=0):
+    """f F + b B + b1 B1 + k K + t T + t1 T1 + kb KB: the layers' `field`."""
     total = 0.0
     for (bt, layer, op), r in by_key.items():
       if bt == batch:
@@ -177,6 +177,8 @@ def test_kernel_floors_count_the_layers_each_program_runs(tiny_run):
                     input_grad_transpose=t, input_grad_kernel_grad=kb)[op]
         if op == "input_grad" and layer == "conv1":
           coef += b1
+        if op == "input_grad_transpose" and layer == "conv1":
+          coef += t1
         total += coef * r[field]
     return total
 
@@ -194,9 +196,13 @@ def test_kernel_floors_count_the_layers_each_program_runs(tiny_run):
       # the transposes of B and B again); the gradient of IG_4 in the
       # parameters (one chunk of 4 x 2: also the kernel gradients of B's
       # and F's ops, and no B1 for F's); the clean loss's gradient; the
-      # adversarial forward.
-      "train ig_norm B=2": [(2, 4, dict(f=1, b=2, t=1)),
-                            (1, 8, dict(f=1, b=2, b1=-1, t=1, kb=1, k=1)),
+      # adversarial forward. The first layer's transpose, T1, is counted
+      # once per chunk size (here each IG is one chunk).
+      "train ig_norm B=2": [(2, 4, dict(f=1, b=2, t=1, t1=-1)),
+                            (2, 4, dict(t1=1)),
+                            (1, 8, dict(f=1, b=2, b1=-1, t=1, t1=-1, kb=1,
+                                        k=1)),
+                            (1, 8, dict(t1=1)),
                             (1, 2, dict(f=1, b=1, b1=-1, k=1)),
                             (1, 2, dict(f=1))],
   }
@@ -265,17 +271,34 @@ def test_kernel_floor_terms_of_the_inner_maximisations():
   terms = benchmark.kernel_floor_terms(record, platform="cpu")
   as_tuples = [(t["times"], t["batch"], t["forward"], t["input_grad"],
                 t["first_input_grad"], t["kernel_grad"]) for t in terms]
-  assert as_tuples == [(400, 50, 1, 2, 0, 0), (50, 50, 1, 2, -1, 1),
+  assert as_tuples == [(400, 50, 1, 2, 0, 0), (40, 50, 0, 0, 0, 0),
+                       (50, 50, 1, 2, -1, 1), (1, 50, 0, 0, 0, 0),
                        (1, 50, 1, 1, -1, 1), (1, 50, 1, 0, 0, 0)]
-  assert [(t["input_grad_transpose"], t["input_grad_kernel_grad"])
-          for t in terms] == [(1, 0), (1, 1), (0, 0), (0, 0)]
+  # The first layer's transpose of its input gradient (T1) once per PGD
+  # step and once for the outer gradient, not once per IG point: its input,
+  # the cotangent of the input gradients, is the same at every point.
+  assert [(t["input_grad_transpose"], t["first_input_grad_transpose"],
+           t["input_grad_kernel_grad"]) for t in terms] == [
+               (1, -1, 0), (0, 1, 0), (1, -1, 1), (0, 1, 0), (0, 0, 0),
+               (0, 0, 0)]
   # IG-SUM-NORM adds the loss's input gradient to every PGD step; on a GPU
   # every IG takes all its points at once.
   record.update(objective="ig_sum_norm")
   terms = benchmark.kernel_floor_terms(record, platform="gpu")
-  as_tuples = [(t["times"], t["batch"], t["forward"], t["input_grad"])
-               for t in terms]
-  assert as_tuples[:3] == [(40, 500, 1, 2), (40, 50, 1, 1), (1, 2500, 1, 2)]
+  as_tuples = [(t["times"], t["batch"], t["forward"], t["input_grad"],
+                t["first_input_grad_transpose"]) for t in terms]
+  assert as_tuples[:5] == [(40, 500, 1, 2, -1), (40, 500, 0, 0, 1),
+                           (40, 50, 1, 1, 0), (1, 2500, 1, 2, -1),
+                           (1, 2500, 0, 0, 1)]
+  # 41 inner points in 14 unrolled chunks: 13 of 3 points and a last one of
+  # 2; T1 once per PGD step at each of the two chunk batches.
+  record.update(objective="ig_norm", hyper=dict(num_steps=40, m=41,
+                                                approx_factor=1))
+  terms = benchmark.kernel_floor_terms(record, platform="cpu")
+  assert [(t["times"], t["batch"], t["input_grad_transpose"],
+           t["first_input_grad_transpose"]) for t in terms[:4]] == [
+               (520, 150, 1, -1), (40, 100, 1, -1), (40, 150, 0, 1),
+               (40, 100, 0, 1)]
   # Chunks that do not divide the points leave a last, smaller chunk; a
   # chunk of more points than there are is all of them.
   ig = dict(workload="ig", batch=4, ig_steps=10, chunk_size_used=3)
