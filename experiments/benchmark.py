@@ -1081,10 +1081,12 @@ def kernel_floor_terms(record: dict[str, Any],
   the parameters F + 2 B - B1 + T + KB + K. Chunked IG runs each sum at the
   chunk's images, once per chunk (a last, smaller chunk at its own batch),
   except the first layer's transpose T1 when IG is differentiated: its
-  input is the cotangent of the input gradients, the same at every point,
-  so it is counted once per chunk size (XLA:CPU computed it once per
-  gradient, outside the scan over chunks and once for unrolled chunks:
-  `BUILD.md`, Performance, item 11).
+  input is the cotangent of the input gradients, the same at every point
+  (the objectives' right Riemann sum weighs the points equally), so it is
+  counted once per chunk size. XLA:CPU computed it once per gradient
+  outside the scan over equal chunks, once across equal unrolled chunks,
+  and once more for a smaller last chunk (`BUILD.md`, Performance,
+  item 11).
   Madry: PGD, the clean forward (reported) and the adversarial loss's
   gradient. TRADES: PGD on the KL, and the clean and adversarial losses'
   gradients. IG-NORM: PGD on `||IG_{m/c}||_1` (its chunks as `objectives`

@@ -312,6 +312,36 @@ def test_kernel_floor_terms_of_the_inner_maximisations():
   assert benchmark.kernel_floor_terms(dict(workload="attack")) is None
 
 
+def test_kernel_floor_prices_the_first_transpose_once_per_gradient(
+    monkeypatch):
+  """IG-NORM at the paper's settings on CPU, from made-up kernel timings.
+
+  The tiny run's IGs are one chunk each, where T1's two terms cancel; here
+  the inner IG has 10 chunks and the outer 50, so the floor holds T1 41
+  times against 450 for every other layer's transpose.
+  """
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  ops = dict(zip(benchmark.KERNEL_OPS, (1.0, 2.0, 3.0, 5.0, 7.0)))
+  layers = (1e-3, 1e-4, 1e-5, 1e-6)   # conv1's ops dominate each sum
+  kernels = [dict(batch=50, layer_index=i, op=op, median_s=scale * v)
+             for i, scale in enumerate(layers) for op, v in ops.items()]
+  total = {op: sum(scale * v for scale in layers) for op, v in ops.items()}
+  f, b, k, t, kb = (total[op] for op in benchmark.KERNEL_OPS)
+  b1, t1 = layers[0] * ops["input_grad"], layers[0] * ops[
+      "input_grad_transpose"]
+  record = dict(workload="train", batch=50, num_devices=1,
+                objective="ig_norm", median_s=10.0,
+                hyper=dict(num_steps=40, m=50, approx_factor=5))
+  benchmark.attach_kernel_floors([record], kernels)
+  floor = (400 * (f + 2 * b + t - t1) + 40 * t1          # the PGD steps
+           + 50 * (f + 2 * b - b1 + t - t1 + kb + k) + t1  # the outer IG
+           + (f + b - b1 + k) + f)        # the clean loss; adversarial logits
+  assert record["kernel_floor_s"] == pytest.approx(floor, rel=1e-12)
+  assert record["over_kernel_floor"] == pytest.approx(10.0 / floor)
+  # Counted at every point, T1 would add 409 of conv1's transposes.
+  assert floor + 409 * t1 > 1.1 * floor
+
+
 def test_json_file_matches_the_flags_and_the_printed_table(tiny_run):
   result, stdout = tiny_run
   settings = result["header"]["settings"]
