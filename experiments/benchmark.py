@@ -32,8 +32,8 @@ sample, or --data_npz). Workloads (--workloads, default all):
                runs; the layer's own function without its bias,
                `KERNEL_CALLS` calls back to back per timing; half
                the repeats before the other workloads, half after), at the
-               batches the ig, pgd and train records run them; those
-               records then get `kernel_floor_s`, the time their layers'
+               batches the ig, pgd, train and attack records run them;
+               those records then get `kernel_floor_s`, the time their layers'
                kernels would take alone, and `over_kernel_floor` (median /
                floor; see `kernel_floor_terms`).
 
@@ -105,6 +105,7 @@ from rar_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-p
 from rar_jax import objectives  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rar_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rar_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rar_jax.attacks import attack_chunk_size  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rar_jax.attacks import attribution_attack  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rar_jax.attacks import pgd  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rar_jax.attribution import auto_chunk_size  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -383,8 +384,11 @@ def matmul_flops_from_jaxpr(jaxpr, used_outputs=None) -> float:
   XLA's dead-code elimination does, e.g. the weight gradient of a custom
   VJP when only the input gradient is needed), convolution taps that fall on
   padding are not counted, loops count trip-count times (a while loop of
-  unknown trip count once). Elementwise work is left out, so this is a lower
-  bound of the true count that does not depend on XLA's cost analysis.
+  unknown trip count once), and a matmul that contracts one element (a
+  kernel gradient at batch 1) is a product, 1 FLOP per output, as XLA,
+  which rewrites it so, counts it. Elementwise work is left out, so this is
+  a lower bound of the true count that does not depend on XLA's cost
+  analysis.
 
   Args:
     jaxpr: a `Jaxpr` (e.g. `jax.make_jaxpr(fn)(*args).jaxpr`).
@@ -403,8 +407,9 @@ def _eqn_matmul_flops(eqn, used) -> float:
   if name == "dot_general":
     (contract, _), _ = eqn.params["dimension_numbers"]
     lhs = eqn.invars[0].aval.shape
-    return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
-        lhs[d] for d in contract)
+    size = math.prod(lhs[d] for d in contract)
+    return (2.0 * size if size > 1 else 1.0) * math.prod(
+        eqn.outvars[0].aval.shape)
   if name == "conv_general_dilated":
     return _conv_flops(eqn)
   if name == "scan":   # the carry feeds back: every body output counts
@@ -671,6 +676,22 @@ def _batch(images, labels, size):
 def _chunk_size_used(chunk_size, batch, steps):
   """The IG chunk size `chunk_size` ("auto", an int or None) stands for."""
   return auto_chunk_size(batch, steps) if chunk_size == "auto" else chunk_size
+
+
+def _attack_sizes(s: Settings, batch: int) -> dict[str, Any]:
+  """An attack record's sizes; `chunk_size_used` is its IG chunk (None: all).
+
+  The IG points the attack takes at once for `batch` examples times
+  `attack_restarts` rows (`attribution_attack.attack_chunk_size` unless
+  --attack_chunk_size is set).
+  """
+  rows = batch * s.attack_restarts
+  return dict(workload="attack", batch=batch, attack_steps=s.attack_steps,
+              attack_restarts=s.attack_restarts,
+              attack_ig_steps=s.attack_ig_steps,
+              chunk_size=s.attack_chunk_size or "auto",
+              chunk_size_used=(s.attack_chunk_size or attack_chunk_size(
+                  rows, s.attack_ig_steps)))
 
 
 def _reported_hyper(hyper):
@@ -948,11 +969,7 @@ class _Workloads:
   def attack(self, batch):
     """The top-k attribution attack on a batch; seconds per example."""
     s = self.s
-    sizes = dict(workload="attack", batch=batch, attack_steps=s.attack_steps,
-                 attack_restarts=s.attack_restarts,
-                 attack_ig_steps=s.attack_ig_steps,
-                 chunk_size=s.attack_chunk_size or "auto",
-                 **self.attack_kwargs)
+    sizes = dict(_attack_sizes(s, batch), **self.attack_kwargs)
     fn, args = self._attack_fn(batch)
     records = [benchmark_fn(
         f"attack B={batch}", fn, args, settings=s, peak=self.peak,
@@ -979,6 +996,7 @@ class _Workloads:
     times = _run_timed(all_examples, self.s.warmup, self.s.repeats)
     record = dict(name=f"attack 1 at a time x{batch}", one_at_a_time=True,
                   compiled_earlier=reused, **sizes)
+    record["chunk_size_used"] = _attack_sizes(self.s, 1)["chunk_size_used"]
     record.update(_summary(times, lower_s=entry["lower_s"],
                            compile_s=entry["compile_s"]))
     # The same arithmetic as the batched program, one example at a time: its
@@ -995,7 +1013,7 @@ class _Workloads:
     return record
 
 
-# --- The kernels alone: a floor under the ig, pgd and train records. ---------
+# --- The kernels alone: a floor under the ig, pgd, train, attack records. ---
 
 # The last two are what differentiating an input gradient runs: the input
 # gradient's own transpose (in its output gradient) and its kernel gradient.
@@ -1069,7 +1087,7 @@ def _kernel_program(layer, op):
 def kernel_floor_terms(record: dict[str, Any],
                        platform: Optional[str] = None
                        ) -> Optional[list[dict[str, Any]]]:
-  """The layer kernels an ig, pgd or train record runs, counted by hand.
+  """The layer kernels an ig, pgd, train or attack record runs, by hand.
 
   With F, B and K the sums over the model's conv and dense layers of the
   forward, input-gradient and kernel-gradient times at one batch, B1 the
@@ -1082,7 +1100,8 @@ def kernel_floor_terms(record: dict[str, Any],
   chunk's images, once per chunk (a last, smaller chunk at its own batch),
   except the first layer's transpose T1 when IG is differentiated: its
   input is the cotangent of the input gradients, the same at every point
-  (the objectives' right Riemann sum weighs the points equally), so it is
+  (the right Riemann sum of the objectives and the attack weighs the
+  points equally), so it is
   counted once per chunk size. XLA:CPU computed it once per gradient
   outside the scan over equal chunks, once across equal unrolled chunks,
   and once more for a smaller last chunk (`BUILD.md`, Performance,
@@ -1092,23 +1111,32 @@ def kernel_floor_terms(record: dict[str, Any],
   gradients. IG-NORM: PGD on `||IG_{m/c}||_1` (its chunks as `objectives`
   takes them), the gradient of `||IG_m||_1` and of the clean loss, and the
   adversarial forward (reported); IG-SUM-NORM adds the loss's gradient to
-  every PGD step. A forward that repeats one counted already (the same
+  every PGD step. The top-k attack: each step the gradient of the
+  surrogate's IG in the input and the network's IG (all `batch` x
+  restarts rows, in chunks of `chunk_size_used` points) and its forward
+  (the label check); before the steps, the reference IG of the `batch`
+  examples in the same chunks, and after them, their forward (the
+  surrogate has the network's layers). A forward that repeats one counted
+  already (the same
   parameters and inputs: the step's adversarial logits for its metrics,
   TRADES's adversarial cross-entropy) is counted once, since XLA may
   compute it once; so is nothing outside the layers (IG's weighted sum of
   points).
 
   Args:
-    record: an ig, pgd or train record (`workload`, `batch`, `ig_steps`,
-      `chunk_size_used`, `pgd_steps`, `objective`, `hyper`, `num_devices`).
+    record: an ig, pgd, train or attack record (`workload`, `batch`,
+      `ig_steps`, `chunk_size_used`, `pgd_steps`, `objective`, `hyper`,
+      `num_devices`, `attack_steps`, `attack_restarts`, `attack_ig_steps`,
+      `one_at_a_time`).
     platform: for the train steps' IG chunks; None: JAX's default backend.
 
   Returns:
     `[{"times", "batch", "forward", "input_grad", "first_input_grad",
     "kernel_grad", "input_grad_transpose", "first_input_grad_transpose",
     "input_grad_kernel_grad"}]` (the coefficients of F, B, B1, K, T, T1
-    and KB at `batch`, summed `times` times), or None for other records and
-    for steps on more than one device.
+    and KB at `batch`, summed `times` times), or None for other records,
+    for steps on more than one device and for the attack one example at a
+    time.
 
   Example:
     >>> kernel_floor_terms(dict(workload="pgd", batch=50, pgd_steps=40))
@@ -1140,6 +1168,14 @@ def kernel_floor_terms(record: dict[str, Any],
                    b=1)
   if workload == "pgd":
     return [term(record["pgd_steps"], batch, f=1, b=1)]
+  if workload == "attack" and not record.get("one_at_a_time"):
+    rows = batch * record["attack_restarts"]
+    points, chunk = record["attack_ig_steps"], record["chunk_size_used"]
+    step = (differentiated(points, chunk, rows, f=1, b=2)
+            + chunked(points, chunk, rows, f=1, b=1) + [term(1, rows, f=1)])
+    return [dict(t, times=t["times"] * record["attack_steps"])
+            for t in step] + chunked(points, chunk, batch, f=1, b=1) + [
+                term(1, batch, f=1)]
   if workload != "train" or record.get("num_devices", 1) != 1:
     return None
   objective, hyper = record["objective"], record["hyper"]
@@ -1166,7 +1202,7 @@ def kernel_floor_terms(record: dict[str, Any],
 
 
 def _kernel_batches(s: Settings) -> list[int]:
-  """The batches the ig, pgd and train records of `s` run their layers at.
+  """The batches the ig, pgd, train and attack records of `s` run layers at.
 
   The terms of the records `run` will make (`kernel_floor_terms`), from the
   settings alone; --pgd_batch where none of those workloads runs.
@@ -1186,6 +1222,8 @@ def _kernel_batches(s: Settings) -> list[int]:
                          train.objective_hyper(_objective_config(objective,
                                                                  s))))
                 for objective in s.objectives]
+  if "attack" in s.workloads:
+    planned.append(_attack_sizes(s, s.attack_batch))
   return sorted({t["batch"] for r in planned for t in kernel_floor_terms(r)}
                 or {s.pgd_batch})
 
@@ -1206,9 +1244,9 @@ def attach_kernel_floors(records, kernel_records) -> None:
   """Adds `kernel_floor_s`, its terms and `over_kernel_floor` to `records`.
 
   Args:
-    records: the run's records; ig, pgd and train records at the top level
-      (not sweeps) whose terms (`kernel_floor_terms`) were all timed get the
-      fields.
+    records: the run's records; ig, pgd, train and attack records at the
+      top level (not sweeps) whose terms (`kernel_floor_terms`) were all
+      timed get the fields.
     kernel_records: the kernels workload's records.
   """
   sums = _kernel_sums(kernel_records)

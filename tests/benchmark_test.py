@@ -89,10 +89,11 @@ def test_every_workload_and_sweep_point_has_a_complete_record(tiny_run):
   assert counts == {
       ("matmul_peak", None): 1, ("ig", None): 1, ("pgd", None): 2,
       ("train", None): 3, ("attack", None): 2, ("loop", None): 1,
-      # tiny_cnn's 4 layers x 5 kernels x 3 batches (2: PGD and the train
-      # steps; 4: IG's chunks of 2 points x 2 images, and IG-NORM's inner
-      # IG; 8: IG-NORM's outer IG).
-      ("kernels", None): 60, ("ig", "batch"): 2,
+      # tiny_cnn's 4 layers x 5 kernels x 4 batches (1: the attack's
+      # example; 2: PGD, the train steps and the attack's 2 restarts; 4:
+      # IG's chunks of 2 points x 2 images, IG-NORM's inner IG and the
+      # attack's reference IG; 8: IG-NORM's outer IG and the attack's IGs).
+      ("kernels", None): 80, ("ig", "batch"): 2,
       ("train", "batch"): 2, ("ig", "ig_steps"): 4, ("train", "devices"): 3}
   for r in result["records"]:
     name = r["name"]
@@ -158,8 +159,8 @@ def test_kernel_floors_count_the_layers_each_program_runs(tiny_run):
   result, stdout = tiny_run
   kernels = _records(result, workload="kernels")
   by_key = {(r["batch"], r["layer"], r["op"]): r for r in kernels}
-  assert len(by_key) == len(kernels) == 60
-  for batch in (2, 4, 8):
+  assert len(by_key) == len(kernels) == 80
+  for batch in (1, 2, 4, 8):
     assert [r["layer"] for r in kernels
             if r["batch"] == batch and r["op"] == "forward"] == [
                 "conv1", "conv2", "fc1", "fc2"]
@@ -205,10 +206,18 @@ def test_kernel_floors_count_the_layers_each_program_runs(tiny_run):
                             (1, 8, dict(t1=1)),
                             (1, 2, dict(f=1, b=1, b1=-1, k=1)),
                             (1, 2, dict(f=1))],
+      # The attack, 1 example x 2 restarts, 4 IG points in one chunk (2
+      # steps): each step the gradient of the surrogate's IG in the input,
+      # the network's IG and its forward on the 2 rows; the reference IG
+      # and the final forward of the example.
+      "attack B=1": [(2, 8, dict(f=1, b=2, t=1, t1=-1)), (2, 8, dict(t1=1)),
+                     (2, 8, dict(f=1, b=1)), (2, 2, dict(f=1)),
+                     (1, 4, dict(f=1, b=1)), (1, 1, dict(f=1))],
   }
   floored = {r["name"]: r for r in result["records"]
              if "kernel_floor_s" in r}
-  assert set(floored) == set(expected)   # not the sweeps, not the attack
+  # Not the sweeps, not the attack one example at a time.
+  assert set(floored) == set(expected)
   # The kernels were timed (before the workloads ran) at the batches the
   # records' terms need, no more.
   assert {r["batch"] for r in kernels} == {
@@ -227,7 +236,7 @@ def test_kernel_floors_count_the_layers_each_program_runs(tiny_run):
                 for n, batch, c in terms)
     if r["workload"] == "train":
       flops += sums("flops_matmul_jaxpr", 2, f=1)
-    if r["workload"] == "ig" or r.get("objective") == "ig_norm":
+    if r["workload"] in ("ig", "attack") or r.get("objective") == "ig_norm":
       # IG's weighted sums (and their transposes) add 1.0-1.3 % here: the
       # program has at least the floor's FLOPs and less than 2 % more. (The
       # smallest term, a forward, is 2.3 % of IG-NORM's.)
@@ -309,7 +318,47 @@ def test_kernel_floor_terms_of_the_inner_maximisations():
           benchmark.kernel_floor_terms(ig)] == [(1, 40)]
   # On several devices, or for other workloads, there is no floor.
   assert benchmark.kernel_floor_terms(dict(record, num_devices=2)) is None
-  assert benchmark.kernel_floor_terms(dict(workload="attack")) is None
+  assert benchmark.kernel_floor_terms(dict(workload="loop")) is None
+
+
+def test_kernel_floor_terms_of_the_attack():
+  # The paper's attack on CPU: 4 examples x 3 restarts, 100 steps, 100 IG
+  # points in unrolled chunks of 5 (60 images).
+  record = dict(workload="attack", batch=4, attack_steps=100,
+                attack_restarts=3, attack_ig_steps=100, chunk_size_used=5)
+  terms = benchmark.kernel_floor_terms(record)
+  as_tuples = [(t["times"], t["batch"], t["forward"], t["input_grad"],
+                t["input_grad_transpose"], t["first_input_grad_transpose"])
+               for t in terms]
+  assert as_tuples == [
+      # Each step: the gradient of the surrogate's IG in the input, 20
+      # chunks with T1 once; the network's IG; its forward (the label).
+      (2000, 60, 1, 2, 1, -1), (100, 60, 0, 0, 0, 1),
+      (2000, 60, 1, 1, 0, 0), (100, 12, 1, 0, 0, 0),
+      # The reference IG of the 4 examples in the same chunks; their
+      # forward (the attacked mask).
+      (20, 20, 1, 1, 0, 0), (1, 4, 1, 0, 0, 0)]
+  # No gradient in the parameters: neither B1 nor kernel gradients.
+  assert all(t["first_input_grad"] == t["kernel_grad"]
+             == t["input_grad_kernel_grad"] == 0 for t in terms)
+  # A chunk that does not divide the points (7 of 100: 14 of 7 and one of
+  # 2) gives T1 at both batches; all points at once, one chunk.
+  record.update(chunk_size_used=7)
+  terms = benchmark.kernel_floor_terms(record)
+  assert [(t["times"], t["batch"]) for t in terms[:4]] == [
+      (1400, 84), (100, 24), (100, 84), (100, 24)]
+  record.update(chunk_size_used=None)
+  assert [(t["times"], t["batch"]) for t in
+          benchmark.kernel_floor_terms(record)] == [
+              (100, 1200), (100, 1200), (100, 1200), (100, 12), (1, 400),
+              (1, 4)]
+  # The `_attack_sizes` of a run give the same chunks as the attack.
+  settings = benchmark.Settings(attack_batch=4)
+  sizes = benchmark._attack_sizes(settings, 4)
+  assert sizes["chunk_size_used"] == benchmark.attack_chunk_size(12, 100)
+  # One example at a time (4 runs of a batch-1 program): no floor.
+  assert benchmark.kernel_floor_terms(
+      dict(record, one_at_a_time=True)) is None
 
 
 def test_kernel_floor_prices_the_first_transpose_once_per_gradient(
@@ -417,6 +466,20 @@ def test_few_channel_input_gradients_count_every_tap():
   jaxpr = jax.make_jaxpr(grad)(x, params).jaxpr
   assert benchmark.matmul_flops_from_jaxpr(jaxpr) == (
       2 * analytic["forward_in_bounds"] + analytic["few_channel_out_of_bounds"])
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_matmul_over_one_element_is_a_product(batch):
+  """A dense layer's kernel gradient contracts the batch: at batch 1 it is an
+  outer product, 1 FLOP per output in XLA's count and in the jaxpr's."""
+  f = lambda w, x: jax.grad(lambda w: jnp.sum(jnp.tanh(x @ w)))(w)
+  w, x = jnp.ones((196, 8)), jnp.ones((batch, 196))
+  matmul = benchmark.matmul_flops_from_jaxpr(jax.make_jaxpr(f)(w, x).jaxpr)
+  kernel_grad = 196 * 8 * (1 if batch == 1 else 2 * batch)
+  assert matmul == batch * 2 * 196 * 8 + kernel_grad
+  # XLA's count adds tanh's elementwise work, 3 FLOPs per logit here.
+  xla = benchmark._xla_flops(jax.jit(f).lower(w, x).compile())
+  assert matmul <= xla <= matmul + 3 * batch * 8
 
 
 def test_flops_of_a_loop_scale_with_its_trip_count(tiny_run):
