@@ -105,7 +105,7 @@ from rar_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-p
 from rar_jax import objectives  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rar_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rar_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
-from rar_jax.attacks import attack_chunk_size  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rar_jax.attacks import attack_chunking  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rar_jax.attacks import attribution_attack  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rar_jax.attacks import pgd  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rar_jax.attribution import auto_chunk_size  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -385,10 +385,10 @@ def matmul_flops_from_jaxpr(jaxpr, used_outputs=None) -> float:
   VJP when only the input gradient is needed), convolution taps that fall on
   padding are not counted, loops count trip-count times (a while loop of
   unknown trip count once), and a matmul that contracts one element (a
-  kernel gradient at batch 1) is a product, 1 FLOP per output, as XLA,
-  which rewrites it so, counts it. Elementwise work is left out, so this is
-  a lower bound of the true count that does not depend on XLA's cost
-  analysis.
+  dense layer's kernel gradient at batch 1, IG's weighted sum over a chunk
+  of one point) is a product: 1 FLOP per output, as XLA:CPU counts it.
+  Elementwise work is left out, so this is a lower bound of the true count
+  that does not depend on XLA's cost analysis.
 
   Args:
     jaxpr: a `Jaxpr` (e.g. `jax.make_jaxpr(fn)(*args).jaxpr`).
@@ -408,7 +408,7 @@ def _eqn_matmul_flops(eqn, used) -> float:
     (contract, _), _ = eqn.params["dimension_numbers"]
     lhs = eqn.invars[0].aval.shape
     size = math.prod(lhs[d] for d in contract)
-    return (2.0 * size if size > 1 else 1.0) * math.prod(
+    return (1.0 if size == 1 else 2.0 * size) * math.prod(
         eqn.outvars[0].aval.shape)
   if name == "conv_general_dilated":
     return _conv_flops(eqn)
@@ -679,19 +679,23 @@ def _chunk_size_used(chunk_size, batch, steps):
 
 
 def _attack_sizes(s: Settings, batch: int) -> dict[str, Any]:
-  """An attack record's sizes; `chunk_size_used` is its IG chunk (None: all).
+  """An attack record's sizes, with how it chunks its IGs.
 
-  The IG points the attack takes at once for `batch` examples times
-  `attack_restarts` rows (`attribution_attack.attack_chunk_size` unless
-  --attack_chunk_size is set).
+  `chunk_size_used` is the IG points the attack takes at once for `batch`
+  examples times `attack_restarts` rows (None: all), and `unroll_chunks`
+  whether it traces those chunks one after another (True) or scans them:
+  `attacks.attack_chunking` unless --attack_chunk_size is set (a scan).
   """
-  rows = batch * s.attack_restarts
+  if s.attack_chunk_size:
+    chunk, unroll = s.attack_chunk_size, False
+  else:
+    chunk, unroll = attack_chunking(batch * s.attack_restarts,
+                                    s.attack_ig_steps)
   return dict(workload="attack", batch=batch, attack_steps=s.attack_steps,
               attack_restarts=s.attack_restarts,
               attack_ig_steps=s.attack_ig_steps,
               chunk_size=s.attack_chunk_size or "auto",
-              chunk_size_used=(s.attack_chunk_size or attack_chunk_size(
-                  rows, s.attack_ig_steps)))
+              chunk_size_used=chunk, unroll_chunks=unroll)
 
 
 def _reported_hyper(hyper):
@@ -996,7 +1000,9 @@ class _Workloads:
     times = _run_timed(all_examples, self.s.warmup, self.s.repeats)
     record = dict(name=f"attack 1 at a time x{batch}", one_at_a_time=True,
                   compiled_earlier=reused, **sizes)
-    record["chunk_size_used"] = _attack_sizes(self.s, 1)["chunk_size_used"]
+    one = _attack_sizes(self.s, 1)
+    record.update(chunk_size_used=one["chunk_size_used"],
+                  unroll_chunks=one["unroll_chunks"])
     record.update(_summary(times, lower_s=entry["lower_s"],
                            compile_s=entry["compile_s"]))
     # The same arithmetic as the batched program, one example at a time: its
@@ -1101,11 +1107,12 @@ def kernel_floor_terms(record: dict[str, Any],
   except the first layer's transpose T1 when IG is differentiated: its
   input is the cotangent of the input gradients, the same at every point
   (the right Riemann sum of the objectives and the attack weighs the
-  points equally), so it is
-  counted once per chunk size. XLA:CPU computed it once per gradient
-  outside the scan over equal chunks, once across equal unrolled chunks,
-  and once more for a smaller last chunk (`BUILD.md`, Performance,
-  item 11).
+  points equally), so it is counted once per chunk size. XLA:CPU computed
+  it once across equal unrolled chunks, once more for a smaller last
+  chunk, and once per gradient outside a scan over equal chunks when that
+  gradient is in no loop (`BUILD.md`, Performance, item 11); in the
+  attack's step loop, a scan over chunks (`unroll_chunks` False) computes
+  it in every chunk, and so does the count.
   Madry: PGD, the clean forward (reported) and the adversarial loss's
   gradient. TRADES: PGD on the KL, and the clean and adversarial losses'
   gradients. IG-NORM: PGD on `||IG_{m/c}||_1` (its chunks as `objectives`
@@ -1117,8 +1124,8 @@ def kernel_floor_terms(record: dict[str, Any],
   (the label check); before the steps, the reference IG of the `batch`
   examples in the same chunks, and after them, their forward (the
   surrogate has the network's layers). A forward that repeats one counted
-  already (the same
-  parameters and inputs: the step's adversarial logits for its metrics,
+  already (the same parameters and inputs: the step's adversarial logits
+  for its metrics,
   TRADES's adversarial cross-entropy) is counted once, since XLA may
   compute it once; so is nothing outside the layers (IG's weighted sum of
   points).
@@ -1127,7 +1134,7 @@ def kernel_floor_terms(record: dict[str, Any],
     record: an ig, pgd, train or attack record (`workload`, `batch`,
       `ig_steps`, `chunk_size_used`, `pgd_steps`, `objective`, `hyper`,
       `num_devices`, `attack_steps`, `attack_restarts`, `attack_ig_steps`,
-      `one_at_a_time`).
+      `unroll_chunks`, `one_at_a_time`).
     platform: for the train steps' IG chunks; None: JAX's default backend.
 
   Returns:
@@ -1171,7 +1178,9 @@ def kernel_floor_terms(record: dict[str, Any],
   if workload == "attack" and not record.get("one_at_a_time"):
     rows = batch * record["attack_restarts"]
     points, chunk = record["attack_ig_steps"], record["chunk_size_used"]
-    step = (differentiated(points, chunk, rows, f=1, b=2)
+    surrogate_grad = (differentiated if record["unroll_chunks"] else
+                      functools.partial(chunked, t=1))
+    step = (surrogate_grad(points, chunk, rows, f=1, b=2)
             + chunked(points, chunk, rows, f=1, b=1) + [term(1, rows, f=1)])
     return [dict(t, times=t["times"] * record["attack_steps"])
             for t in step] + chunked(points, chunk, batch, f=1, b=1) + [

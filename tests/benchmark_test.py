@@ -321,11 +321,12 @@ def test_kernel_floor_terms_of_the_inner_maximisations():
   assert benchmark.kernel_floor_terms(dict(workload="loop")) is None
 
 
-def test_kernel_floor_terms_of_the_attack():
+def test_kernel_floor_terms_of_the_attack(monkeypatch):
   # The paper's attack on CPU: 4 examples x 3 restarts, 100 steps, 100 IG
   # points in unrolled chunks of 5 (60 images).
   record = dict(workload="attack", batch=4, attack_steps=100,
-                attack_restarts=3, attack_ig_steps=100, chunk_size_used=5)
+                attack_restarts=3, attack_ig_steps=100, chunk_size_used=5,
+                unroll_chunks=True)
   terms = benchmark.kernel_floor_terms(record)
   as_tuples = [(t["times"], t["batch"], t["forward"], t["input_grad"],
                 t["input_grad_transpose"], t["first_input_grad_transpose"])
@@ -341,21 +342,38 @@ def test_kernel_floor_terms_of_the_attack():
   # No gradient in the parameters: neither B1 nor kernel gradients.
   assert all(t["first_input_grad"] == t["kernel_grad"]
              == t["input_grad_kernel_grad"] == 0 for t in terms)
-  # A chunk that does not divide the points (7 of 100: 14 of 7 and one of
-  # 2) gives T1 at both batches; all points at once, one chunk.
+  # Unrolled chunks that do not divide the points (7 of 100: 14 of 7 and
+  # one of 2) give T1 at both batches.
   record.update(chunk_size_used=7)
   terms = benchmark.kernel_floor_terms(record)
   assert [(t["times"], t["batch"]) for t in terms[:4]] == [
       (1400, 84), (100, 24), (100, 84), (100, 24)]
-  record.update(chunk_size_used=None)
-  assert [(t["times"], t["batch"]) for t in
-          benchmark.kernel_floor_terms(record)] == [
-              (100, 1200), (100, 1200), (100, 1200), (100, 12), (1, 400),
-              (1, 4)]
-  # The `_attack_sizes` of a run give the same chunks as the attack.
-  settings = benchmark.Settings(attack_batch=4)
-  sizes = benchmark._attack_sizes(settings, 4)
-  assert sizes["chunk_size_used"] == benchmark.attack_chunk_size(12, 100)
+  # Scanned chunks (an explicit chunk size, or more rows than the attack
+  # unrolls) compute T1 in every chunk inside the step loop.
+  record.update(unroll_chunks=False)
+  terms = benchmark.kernel_floor_terms(record)
+  assert [(t["times"], t["batch"], t["input_grad_transpose"],
+           t["first_input_grad_transpose"]) for t in terms[:3]] == [
+               (1400, 84, 1, 0), (100, 24, 1, 0), (1400, 84, 0, 0)]
+  # All points at once: one chunk, T1 once either way.
+  for unroll in (False, True):
+    record.update(chunk_size_used=None, unroll_chunks=unroll)
+    terms = benchmark.kernel_floor_terms(record)
+    assert [(t["times"], t["batch"]) for t in terms if t["forward"]] == [
+        (100, 1200), (100, 1200), (100, 12), (1, 400), (1, 4)]
+    assert sum(t["times"] * t["first_input_grad_transpose"]
+               for t in terms) == 0
+    assert sum(t["times"] * t["input_grad_transpose"] for t in terms) == 100
+  # The chunks `_attack_sizes` reports for a run, as the attack takes them:
+  # on CPU, 12 rows x 100 points unrolled in chunks of 5; 60 rows, beyond
+  # `CPU_IMAGES_AT_ONCE`, scanned in chunks of 1; --attack_chunk_size
+  # scanned.
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  for batch, chunk, expected in ((4, None, (5, True)), (20, None, (1, False)),
+                                 (4, 7, (7, False))):
+    sizes = benchmark._attack_sizes(
+        benchmark.Settings(attack_chunk_size=chunk), batch)
+    assert (sizes["chunk_size_used"], sizes["unroll_chunks"]) == expected
   # One example at a time (4 runs of a batch-1 program): no floor.
   assert benchmark.kernel_floor_terms(
       dict(record, one_at_a_time=True)) is None
@@ -439,7 +457,8 @@ def test_ig_and_pgd_flops_match_the_analytic_count(tiny_run):
     points = r["batch"] * r["pgd_steps"]
     assert r["flops_matmul_jaxpr"] == points * per_point, r["name"]
   for r in _records(result, workload="ig"):
-    # IG adds the quadrature's weighted sum (2 FLOPs per pixel and point)
+    # IG adds the quadrature's weighted sum (2 FLOPs per pixel and point;
+    # 1 for a chunk of one point, not the tiny run's chunks of 2)
     # and computes the last layer's input gradient of the label logit, the
     # same at every point, once per chunk.
     points = r["batch"] * r["ig_steps"]

@@ -7,6 +7,7 @@
 
 from rar_jax.attacks.attribution_attack import ATTACKS
 from rar_jax.attacks.attribution_attack import attack_chunk_size
+from rar_jax.attacks.attribution_attack import attack_chunking
 from rar_jax.attacks.attribution_attack import CPU_IMAGES_AT_ONCE
 from rar_jax.attacks.attribution_attack import attribution_attack
 from rar_jax.attacks.attribution_attack import SALIENCIES
@@ -18,6 +19,7 @@ from rar_jax.attacks.pgd_attack import random_start
 
 __all__ = [
     "ATTACKS", "SALIENCIES", "NORMS", "CPU_IMAGES_AT_ONCE", "attack_chunk_size",
+    "attack_chunking",
     "attribution_attack", "saliency_fn",
     "pgd", "project", "random_start",
 ]

@@ -98,11 +98,32 @@ def attack_chunk_size(num_rows: int, num_ig_steps: int,
     >>> attack_chunk_size(12, 100, "gpu") is None
     True
   """
-  return _auto_chunking(num_rows, num_ig_steps, platform)[0]
+  return attack_chunking(num_rows, num_ig_steps, platform)[0]
 
 
-def _auto_chunking(num_rows, num_ig_steps, platform=None):
-  """`(chunk_size, unroll_chunks)` of `chunk_size="auto"` in the attack."""
+def attack_chunking(num_rows: int, num_ig_steps: int,
+                    platform: Optional[str] = None
+                    ) -> tuple[Optional[int], bool]:
+  """`chunk_size="auto"` in the attack: the chunk, and whether it unrolls.
+
+  Args:
+    num_rows: examples times restarts, attacked at once.
+    num_ig_steps: IG points per saliency map.
+    platform: "cpu", "gpu", "tpu", ...; None: `jax.default_backend()`.
+
+  Returns:
+    `(chunk_size, unroll_chunks)`: `attack_chunk_size`'s chunk (None: all
+    points at once), and True where the attack traces its chunks one after
+    another (on CPU, up to `CPU_IMAGES_AT_ONCE` images), False where it
+    runs them in a `lax.scan`.
+
+  References:
+    `BUILD.md`, "Performance", items 7 and 8.
+
+  Example:
+    >>> attack_chunking(12, 100, "cpu"), attack_chunking(300, 100, "cpu")
+    ((5, True), (1, False))
+  """
   platform = platform or jax.default_backend()
   if platform == "cpu" and num_rows * num_ig_steps <= CPU_IMAGES_AT_ONCE:
     return unrolled_chunk_size(num_rows, num_ig_steps, platform), True
@@ -322,7 +343,7 @@ def attribution_attack(
   xs, ys = tile(inputs), tile(labels)
   unroll = False
   if chunk_size == "auto":
-    chunk_size, unroll = _auto_chunking(len(xs), num_ig_steps)
+    chunk_size, unroll = attack_chunking(len(xs), num_ig_steps)
   sal_kw = dict(saliency=saliency, num_ig_steps=num_ig_steps,
                 chunk_size=chunk_size, unroll_chunks=unroll)
   measure = saliency_fn(apply_fn, params, ys, **sal_kw)
@@ -405,4 +426,5 @@ def _project(x, centres, epsilon, clip_min, clip_max, quantize):
 
 
 __all__ = ["ATTACKS", "SALIENCIES", "CPU_IMAGES_AT_ONCE", "attack_chunk_size",
+           "attack_chunking",
            "attribution_attack", "saliency_fn"]
