@@ -282,8 +282,26 @@ def _live_eqns(jaxpr, used_outputs=None):
     used = [v in live for v in eqn.outvars]
     if not any(used) and not eqn.effects:
       continue
-    live.update(v for v in eqn.invars if isinstance(v, jax_core.Var))
+    live.update(v for v, needed in zip(eqn.invars, _needed_inputs(eqn, used))
+                if needed and isinstance(v, jax_core.Var))
     yield eqn, used
+
+
+def _needed_inputs(eqn, used) -> list[bool]:
+  """Which inputs of a live equation its used outputs need.
+
+  All of them, except for a `jit` call, whose body is walked: a call that
+  returns a used constant beside an unused result (a `pad` and its padding
+  value) does not need the unused result's inputs, which XLA drops.
+  """
+  if eqn.primitive.name == "jit" and not eqn.effects:
+    body = eqn.params["jaxpr"].jaxpr
+    live = {v for v, u in zip(body.outvars, used)
+            if u and isinstance(v, jax_core.Var)}
+    for inner, _ in _live_eqns(body, used):
+      live.update(v for v in inner.invars if isinstance(v, jax_core.Var))
+    return [v in live for v in body.invars]
+  return [True] * len(eqn.invars)
 
 
 def _sub_jaxprs_used(eqn, used):

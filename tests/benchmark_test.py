@@ -487,6 +487,23 @@ def test_few_channel_input_gradients_count_every_tap():
       2 * analytic["forward_in_bounds"] + analytic["few_channel_out_of_bounds"])
 
 
+def test_a_jit_call_does_not_keep_its_unused_results_inputs_alive():
+  """A matmul that only a `jit` call's unused result needs is dead, as in
+  conv1's matmul-form input gradient differentiated in its cotangent,
+  whose `_pad` call returns the padded primal (unused) and the padding
+  value (used by the transpose)."""
+  def f(a, b, c):
+    k = a @ b
+    _, doubled = jax.jit(lambda k, c: (jnp.pad(k, 1), 2.0 * c))(k, c)
+    return doubled, c @ b                        # the second matmul is live
+  a, b, c = jnp.ones((8, 16)), jnp.ones((16, 4)), jnp.ones((3, 16))
+  jaxpr = jax.make_jaxpr(f)(a, b, c).jaxpr
+  assert benchmark.matmul_flops_from_jaxpr(jaxpr) == 2 * 3 * 16 * 4
+  # XLA drops the dead matmul too (its count adds the doubling).
+  xla = benchmark._xla_flops(jax.jit(f).lower(a, b, c).compile())
+  assert 2 * 3 * 16 * 4 <= xla < 2 * 8 * 16 * 4
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_a_matmul_over_one_element_is_a_product(batch):
   """A dense layer's kernel gradient contracts the batch: at batch 1 it is an
