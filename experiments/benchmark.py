@@ -1018,9 +1018,9 @@ class _Workloads:
     times = _run_timed(all_examples, self.s.warmup, self.s.repeats)
     record = dict(name=f"attack 1 at a time x{batch}", one_at_a_time=True,
                   compiled_earlier=reused, **sizes)
+    # Its IGs are chunked for the rows of one example.
     one = _attack_sizes(self.s, 1)
-    record.update(chunk_size_used=one["chunk_size_used"],
-                  unroll_chunks=one["unroll_chunks"])
+    record.update({k: one[k] for k in ("chunk_size_used", "unroll_chunks")})
     record.update(_summary(times, lower_s=entry["lower_s"],
                            compile_s=entry["compile_s"]))
     # The same arithmetic as the batched program, one example at a time: its
@@ -1143,10 +1143,9 @@ def kernel_floor_terms(record: dict[str, Any],
   examples in the same chunks, and after them, their forward (the
   surrogate has the network's layers). A forward that repeats one counted
   already (the same parameters and inputs: the step's adversarial logits
-  for its metrics,
-  TRADES's adversarial cross-entropy) is counted once, since XLA may
-  compute it once; so is nothing outside the layers (IG's weighted sum of
-  points).
+  for its metrics, TRADES's adversarial cross-entropy) is counted once,
+  since XLA may compute it once; so is nothing outside the layers (IG's
+  weighted sum of points).
 
   Args:
     record: an ig, pgd, train or attack record (`workload`, `batch`,
