@@ -31,7 +31,8 @@ sample, or --data_npz). Workloads (--workloads, default all):
                and kernel gradient (which a gradient of an input gradient
                runs; the layer's own function without its bias,
                `KERNEL_CALLS` calls back to back per timing; half
-               the repeats before the other workloads, half after), at the
+               the repeats before the other workloads, half after, and at
+               least one timing on each side), at the
                batches the ig, pgd, train and attack records run them;
                those records then get `kernel_floor_s`, the time their layers'
                kernels would take alone, and `over_kernel_floor` (median /
@@ -1227,6 +1228,15 @@ def kernel_floor_terms(record: dict[str, Any],
                                     loss_grad, term(1, batch, f=1)]
 
 
+def _kernel_repeats(repeats: int) -> tuple[int, int]:
+  """The kernels' timings before and after the other workloads.
+
+  Half of `repeats` on each side (the odd one before), and at least one on
+  each side, so that a floor always sees the machine at both ends of the run.
+  """
+  return max(1, (repeats + 1) // 2), max(1, repeats // 2)
+
+
 def _kernel_batches(s: Settings) -> list[int]:
   """The batches the ig, pgd, train and attack records of `s` run layers at.
 
@@ -1418,10 +1428,11 @@ def run(settings: Settings) -> dict[str, Any]:
   kernel_plan = None
   if "kernels" in s.workloads:
     # Timed half before the workloads and half after them, so that a shared
-    # machine's drift affects the floors and the records alike.
+    # machine's drift affects the floors and the records alike; at least once
+    # on each side (--repeats=1, as for the attack, times each kernel twice).
     kernel_plan = w.kernel_plan(_kernel_batches(s))
     w.time_kernels(kernel_plan, warmup=max(1, s.warmup),
-                   repeats=(s.repeats + 1) // 2)
+                   repeats=_kernel_repeats(s.repeats)[0])
   if "ig" in s.workloads:
     for steps in s.ig_steps:
       name = f"ig B={s.ig_batch} m={steps}" + (
@@ -1441,7 +1452,8 @@ def run(settings: Settings) -> dict[str, Any]:
   if "loop" in s.workloads:
     records.append(dict(w.loop(s.loop_objective, s.train_batch), **top))
   if kernel_plan:
-    w.time_kernels(kernel_plan, warmup=0, repeats=s.repeats // 2)
+    w.time_kernels(kernel_plan, warmup=0,
+                   repeats=_kernel_repeats(s.repeats)[1])
     kernel_records = [dict(r, **top) for r in w.kernel_records(kernel_plan)]
     attach_kernel_floors(records, kernel_records)
     records.extend(kernel_records)

@@ -6,6 +6,7 @@ benchmark must count it trip-count times.
 """
 
 import contextlib
+import importlib
 import io
 import json
 import math
@@ -105,9 +106,10 @@ def test_every_workload_and_sweep_point_has_a_complete_record(tiny_run):
     for key in ("lower_s", "compile_s", "flops_analysis_s"):
       assert r[key] >= 0 and math.isfinite(r[key]), (name, key)
     assert r["min_s"] <= r["median_s"] <= r["max_s"]
-    # The matmul peak is never measured cold or once (every % divides by it).
-    assert r["repeats"] == len(r["times_s"]) == (
-        10 if r["workload"] == "matmul_peak" else 1)
+    # The matmul peak is never measured cold or once (every % divides by it);
+    # a kernel is timed once before the workloads and once after them.
+    assert r["repeats"] == len(r["times_s"]) == {
+        "matmul_peak": 10, "kernels": 2}.get(r["workload"], 1), name
     assert isinstance(r["peak_memory_bytes"], int)
     memory = r["memory"]
     for key in ("argument_size_in_bytes", "output_size_in_bytes",
@@ -133,6 +135,32 @@ def test_every_workload_and_sweep_point_has_a_complete_record(tiny_run):
   assert _positive(single["speedup_batched_vs_one_at_a_time"])
   # --attack_batch=1: one at a time is the batched program, not recompiled.
   assert single["compiled_earlier"]
+
+
+def test_one_at_a_time_record_reports_its_own_chunking(tmp_path,
+                                                      monkeypatch):
+  """The batch-1 attack chunks its IGs for 1 x restarts rows, not the batch's.
+
+  With 10 images at once, the 2 examples x 2 restarts x 4 points of the
+  batched attack (16) are scanned; one example's 8 are unrolled.
+  """
+  # The module, which the package's function of the same name shadows.
+  attribution_attack = importlib.import_module(
+      "rar_jax.attacks.attribution_attack")
+  monkeypatch.setattr(attribution_attack, "CPU_IMAGES_AT_ONCE", 10)
+  path = str(tmp_path / "bench.json")
+  _run_main("--workloads=attack", "--attack_batch=2", "--attack_single",
+            "--sweeps=", f"--output_json={path}")
+  with open(path) as f:
+    result = json.load(f)
+  batched, = _records(result, workload="attack", one_at_a_time=None)
+  single, = _records(result, workload="attack", one_at_a_time=True)
+  assert batched["batch"] == single["batch"] == 2
+  assert not single["compiled_earlier"]
+  for record, rows, unroll in ((batched, 4, False), (single, 2, True)):
+    assert (record["chunk_size_used"], record["unroll_chunks"]) == (
+        attribution_attack.attack_chunking(rows, 4, "cpu")), record["name"]
+    assert record["unroll_chunks"] is unroll
 
 
 def test_loop_times_the_trainer_against_its_step_alone(tiny_run):
@@ -268,6 +296,12 @@ def test_kernels_are_timed_before_and_after_the_workloads(tmp_path,
   assert calls[-n:] == [1] * n
   assert calls[-2 * n - 1:-n] == [2] * n + [3]
   assert all(len(r["times_s"]) == r["repeats"] == 3 for r in kernels)
+
+
+@pytest.mark.parametrize("repeats, before, after",
+                         [(1, 1, 1), (2, 1, 1), (3, 2, 1), (4, 2, 2)])
+def test_kernel_repeats_split_around_the_workloads(repeats, before, after):
+  assert benchmark._kernel_repeats(repeats) == (before, after)
 
 
 def test_kernel_floor_terms_of_the_inner_maximisations():
