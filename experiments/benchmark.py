@@ -48,7 +48,8 @@ share the cores: it checks the machinery, not the scaling).
 
 Each record has the lowering and compile times (a program that two records
 share is compiled once: `compiled_earlier`), `--warmup` untimed and
-`--repeats` timed runs (median, min, max seconds), examples/s (seconds per
+`--repeats` timed runs (median, min, max seconds; a kernel and the loop's
+step alone at least 2, one on each side), examples/s (seconds per
 example for the attack; steps/s for train steps), FLOPs, the achieved FLOP/s
 and its `fraction_of_peak` (of the peak times the devices used), and
 `compiled.memory_analysis()` (`memory`, per device; `peak_memory_bytes` =
@@ -857,7 +858,8 @@ class _Workloads:
     the train workload's program (the same `rar_jax.train.train_step`, not
     donating its state) called `loop_log_every` times back to back, each
     call's state fed to the next, blocking once at the end (`repeats` times,
-    half before the trainer and half after it): the device's throughput
+    half before the trainer and half after it, at least once on each side):
+    the device's throughput
     without the trainer's host work. `loop_efficiency` is alone / loop
     seconds per step.
     """
@@ -875,7 +877,8 @@ class _Workloads:
 
     # Half of the repeats before the trainer and half after it, so that a
     # shared machine's drift affects both sides alike.
-    alone = _run_timed(steps_alone, s.warmup, (s.repeats + 1) // 2)
+    before, after = _split_repeats(s.repeats)
+    alone = _run_timed(steps_alone, s.warmup, before)
 
     config = _objective_config(objective, s)
     config.seed = s.rng_seed
@@ -899,7 +902,7 @@ class _Workloads:
         rates = [r["steps_per_sec"] for r in map(json.loads, f)
                  if "steps_per_sec" in r]
     alone = [t / s.loop_log_every for t in alone + _run_timed(
-        steps_alone, 0, s.repeats // 2)]
+        steps_alone, 0, after)]
     record = dict(name=f"loop {objective} B={batch}", workload="loop",
                   objective=objective, batch=batch, parallel=s.parallel,
                   loop_steps=s.loop_steps, loop_log_every=s.loop_log_every,
@@ -1228,11 +1231,13 @@ def kernel_floor_terms(record: dict[str, Any],
                                     loss_grad, term(1, batch, f=1)]
 
 
-def _kernel_repeats(repeats: int) -> tuple[int, int]:
-  """The kernels' timings before and after the other workloads.
+def _split_repeats(repeats: int) -> tuple[int, int]:
+  """Timings before and after what a record is compared with.
 
-  Half of `repeats` on each side (the odd one before), and at least one on
-  each side, so that a floor always sees the machine at both ends of the run.
+  The kernels are timed around the other workloads, the loop's step alone
+  around the trainer: half of `repeats` on each side (the odd one before),
+  and at least one on each side, so that both ends of a drifting machine's
+  run are seen.
   """
   return max(1, (repeats + 1) // 2), max(1, repeats // 2)
 
@@ -1432,7 +1437,7 @@ def run(settings: Settings) -> dict[str, Any]:
     # on each side (--repeats=1, as for the attack, times each kernel twice).
     kernel_plan = w.kernel_plan(_kernel_batches(s))
     w.time_kernels(kernel_plan, warmup=max(1, s.warmup),
-                   repeats=_kernel_repeats(s.repeats)[0])
+                   repeats=_split_repeats(s.repeats)[0])
   if "ig" in s.workloads:
     for steps in s.ig_steps:
       name = f"ig B={s.ig_batch} m={steps}" + (
@@ -1453,7 +1458,7 @@ def run(settings: Settings) -> dict[str, Any]:
     records.append(dict(w.loop(s.loop_objective, s.train_batch), **top))
   if kernel_plan:
     w.time_kernels(kernel_plan, warmup=0,
-                   repeats=_kernel_repeats(s.repeats)[1])
+                   repeats=_split_repeats(s.repeats)[1])
     kernel_records = [dict(r, **top) for r in w.kernel_records(kernel_plan)]
     attach_kernel_floors(records, kernel_records)
     records.extend(kernel_records)
