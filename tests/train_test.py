@@ -300,6 +300,21 @@ def test_example_keys_are_the_documented_pure_function_of_the_step():
                             train._example_keys(0, 2, 4))  # pylint: disable=protected-access
 
 
+def test_the_loop_keys_computed_in_blocks_are_the_example_keys():
+  # The training loop takes its keys from blocks computed ahead; a run that
+  # resumes mid-block (step 61), crosses blocks and skips ahead gets the
+  # same keys as `_example_keys`, step by step.
+  step_keys = train._StepKeys(7, 3)  # pylint: disable=protected-access
+  block = step_keys.BLOCK
+  for step in list(range(61, 2 * block + 3)) + [5 * block - 1, 5 * block]:
+    got = step_keys(step)
+    assert isinstance(got, np.ndarray) and got.shape == (3, 2), step
+    np.testing.assert_array_equal(
+        got, train._example_keys(7, step, 3), err_msg=str(step))  # pylint: disable=protected-access
+  # Only the block in use and the next one are kept.
+  assert sorted(step_keys._blocks) == [5 * block, 6 * block]  # pylint: disable=protected-access
+
+
 def test_compiled_steps_of_a_placement_are_kept_least_recently_used_first_out():
   parallel = train._Parallel("pmap", 1)  # pylint: disable=protected-access
   get = lambda key: parallel.compile_cached(key, lambda x: x + key,
