@@ -99,6 +99,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.extend.core as jax_core  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jaxlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments.configs import paper  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -312,13 +313,14 @@ def _sub_jaxprs_used(eqn, used):
           for sub in _sub_jaxprs(eqn)]
 
 
-def _loop_correction(jaxpr, used_outputs, cache, notes) -> float:
+def _loop_correction(jaxpr, used_outputs, cache, notes, mesh=None) -> float:
   """FLOPs that XLA's count of `jaxpr` misses because it counts loops once.
 
   A scan of length L whose body XLA's count has c times (c = 1, or with
   `unroll` the copies in the loop and the remainder) adds
   `L * true(body) - c * once(body)`, where once() is XLA's cost analysis of
-  the body compiled on its own and true() adds the body's own loops.
+  the body compiled on its own and true() adds the body's own loops. `mesh`:
+  that of the `shard_map` the jaxpr is in, whose axis names a body may use.
   """
   extra = 0.0
   for eqn, used in _live_eqns(jaxpr, used_outputs):
@@ -329,32 +331,40 @@ def _loop_correction(jaxpr, used_outputs, cache, notes) -> float:
       unroll = length if unroll is True else max(1, int(unroll))
       # JAX emits `unroll` copies in the loop and the remainder inline.
       copies = length if unroll >= length else unroll + length % unroll
-      once, true = _body_flops(body, cache, notes)
+      once, true = _body_flops(body, cache, notes, mesh)
       extra += length * true - copies * once
     elif name == "while":
       notes.add("a while loop of unknown trip count counted once")
       extra += _loop_correction(eqn.params["body_jaxpr"].jaxpr, None, cache,
-                                notes)
+                                notes, mesh)
     elif name == "cond":
-      extra += max(_loop_correction(b.jaxpr, used, cache, notes)
+      extra += max(_loop_correction(b.jaxpr, used, cache, notes, mesh)
                    for b in eqn.params["branches"])
     else:
+      inner_mesh = eqn.params["mesh"] if name == "shard_map" else mesh
       for sub, sub_used in _sub_jaxprs_used(eqn, used):
-        extra += _loop_correction(sub, sub_used, cache, notes)
+        extra += _loop_correction(sub, sub_used, cache, notes, inner_mesh)
   return extra
 
 
-def _body_flops(body, cache, notes) -> tuple[float, float]:
-  """(XLA's count of a loop body compiled alone, its count with its loops)."""
+def _body_flops(body, cache, notes, mesh=None) -> tuple[float, float]:
+  """(XLA's count of a loop body compiled alone, its count with its loops).
+
+  A body from inside a `shard_map` (its collectives name the mesh's axes) is
+  compiled inside a `shard_map` over that mesh, every value replicated.
+  """
   if id(body) not in cache:
     avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in body.in_avals]
+    fn = jax_core.jaxpr_as_fun(body)
+    if mesh is not None:
+      fn = jax.shard_map(fn, mesh=mesh, in_specs=P(), out_specs=P(),
+                         check_vma=False)
     # Compiled only for XLA's cost analysis (of the optimised HLO): LLVM's
     # optimisation of the code would change nothing but the time it takes.
-    compiled = runtime.compile_for_one_run(
-        jax.jit(jax_core.jaxpr_as_fun(body)).lower(*avals))
+    compiled = runtime.compile_for_one_run(jax.jit(fn).lower(*avals))
     once = _xla_flops(compiled)
     cache[id(body)] = (body, once, once + _loop_correction(
-        body.jaxpr, None, cache, notes))
+        body.jaxpr, None, cache, notes, mesh))
   return cache[id(body)][1:]
 
 

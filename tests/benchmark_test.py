@@ -163,6 +163,26 @@ def test_one_at_a_time_record_reports_its_own_chunking(tmp_path,
     assert record["unroll_chunks"] is unroll
 
 
+def test_train_steps_under_shard_map_count_their_loops(tiny_run, tmp_path):
+  """Under `--parallel=shard_map` a PGD loop's body names the mesh's axis.
+
+  Its FLOPs are counted as under pmap (the body compiled alone used to fail
+  with an unbound axis name).
+  """
+  path = str(tmp_path / "bench.json")
+  _run_main("--workloads=train", "--objectives=madry", "--parallel=shard_map",
+            "--sweeps=", f"--output_json={path}")
+  with open(path) as f:
+    sharded, = _records(json.load(f), workload="train", objective="madry")
+  pmapped, = _records(tiny_run[0], workload="train", objective="madry",
+                      sweep=None)
+  assert sharded["parallel"] == "shard_map" and pmapped["parallel"] == "pmap"
+  assert sharded["flops_method"] == pmapped["flops_method"] == (
+      "xla_cost_analysis+loop_bodies_x_trip_count")
+  assert sharded["flops_matmul_jaxpr"] == pmapped["flops_matmul_jaxpr"]
+  assert sharded["flops"] == pytest.approx(pmapped["flops"], rel=0.02)
+
+
 def test_loop_times_the_trainer_against_its_step_alone(tiny_run):
   result, _ = tiny_run
   loop, = _records(result, workload="loop")
