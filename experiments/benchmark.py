@@ -351,14 +351,27 @@ def _body_flops(body, cache, notes, mesh=None) -> tuple[float, float]:
   """(XLA's count of a loop body compiled alone, its count with its loops).
 
   A body from inside a `shard_map` (its collectives name the mesh's axes) is
-  compiled inside a `shard_map` over that mesh, every value replicated.
+  compiled inside a `shard_map` over that mesh, with the same device
+  variance: its inputs enter replicated and are cast to vary along the axes
+  they varied along in the program, and its varying outputs leave stacked
+  along those axes (a scalar as `[1]`), which changes no FLOP.
   """
   if id(body) not in cache:
     avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in body.in_avals]
     fn = jax_core.jaxpr_as_fun(body)
     if mesh is not None:
-      fn = jax.shard_map(fn, mesh=mesh, in_specs=P(), out_specs=P(),
-                         check_vma=False)
+      vma = lambda a: tuple(sorted(models._vma_of_aval(a)))  # pylint: disable=protected-access
+      in_axes = [vma(a) for a in body.in_avals]
+      out_axes = [vma(a) for a in body.out_avals]
+
+      def varying_body(*args, body_fn=fn):
+        outs = body_fn(*(jax.lax.pcast(x, ax, to="varying") if ax else x
+                         for x, ax in zip(args, in_axes)))
+        return [o[None] if ax and not o.ndim else o
+                for o, ax in zip(outs, out_axes)]
+
+      fn = jax.shard_map(varying_body, mesh=mesh, in_specs=P(),
+                         out_specs=[P(ax) if ax else P() for ax in out_axes])
     # Compiled only for XLA's cost analysis (of the optimised HLO): LLVM's
     # optimisation of the code would change nothing but the time it takes.
     compiled = runtime.compile_for_one_run(jax.jit(fn).lower(*avals))

@@ -477,7 +477,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 
 def _vma(x) -> frozenset:
   """The shard_map mesh axes along which `x` varies (empty outside)."""
-  aval = jax.typeof(x)
+  return _vma_of_aval(jax.typeof(x))
+
+
+def _vma_of_aval(aval) -> frozenset:
   mat = getattr(aval, "mat", None)  # jax 0.10: the manual axis type.
   varying = getattr(mat, "varying", None)
   if varying is None:
