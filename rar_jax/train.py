@@ -686,14 +686,15 @@ class _StepKeys:
   On a CPU backend the CPU is also the device, so a key program dispatched
   while a training step runs queues behind it, and fetching its keys waits
   for that step: the host then prepares each step only after the previous
-  one has finished. In a `loop` benchmark (NATURAL, batch 50, 2-core CPU)
-  that put 14 ms of host work into every 49 ms step. Here the keys of
-  `BLOCK` steps come from one program, dispatched one block ahead, so the
-  loop fetches keys that were computed long before. The same bits as
-  `_example_keys`, step by step.
+  one has finished. Here the keys of `BLOCK` steps come from one program,
+  dispatched one block ahead, so the loop fetches keys that were computed
+  long before; in the `loop` benchmark (NATURAL, batch 50, 2-core CPU) the
+  time per step fell to 0.90-0.95x (BUILD.md, Performance). The same bits
+  as `_example_keys`, step by step.
   """
 
   BLOCK = 64
+  _LAST_STEP = 2 ** 31 - 1   # steps are int32, as in `_example_keys`
 
   def __init__(self, seed: int, batch_size: int, salt: int = 0):
     self._args = (seed, batch_size, salt)
@@ -709,7 +710,8 @@ class _StepKeys:
   def __call__(self, step: int) -> np.ndarray:
     first = step - step % self.BLOCK
     self._dispatch(first)
-    self._dispatch(first + self.BLOCK)   # the next block, ahead of its use
+    if first + self.BLOCK <= self._LAST_STEP:
+      self._dispatch(first + self.BLOCK)   # the next block, ahead of its use
     for old in [f for f in self._blocks if f < first]:
       del self._blocks[old]
     block = self._blocks[first]

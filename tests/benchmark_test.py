@@ -163,7 +163,7 @@ def test_one_at_a_time_record_reports_its_own_chunking(tmp_path,
     assert record["unroll_chunks"] is unroll
 
 
-def test_train_steps_under_shard_map_count_their_loops(tiny_run, tmp_path):
+def test_train_steps_under_shard_map_count_their_loops(tmp_path):
   """Under `--parallel=shard_map` a PGD loop's body names the mesh's axis.
 
   Its FLOPs are counted as under pmap (the body compiled alone used to fail
@@ -171,14 +171,23 @@ def test_train_steps_under_shard_map_count_their_loops(tiny_run, tmp_path):
   the program's device variance).
   """
   path = str(tmp_path / "bench.json")
+  # 20 IG points at batch 4 (`_TINY`'s 4 points at batch 2 did not reach
+  # the failing psum).
+  sizes = ("--train_ig_steps=20", "--train_approx_factor=5",
+           "--train_batch=4")
   _run_main("--workloads=train", "--objectives=madry,ig_norm",
-            "--parallel=shard_map", "--sweeps=", f"--output_json={path}")
+            "--parallel=shard_map", *sizes, "--sweeps=",
+            f"--output_json={path}")
   with open(path) as f:
     result = json.load(f)
+  pmap_path = str(tmp_path / "pmap.json")
+  _run_main("--workloads=train", "--objectives=madry,ig_norm", *sizes,
+            "--sweeps=", f"--output_json={pmap_path}")
+  with open(pmap_path) as f:
+    pmap_result = json.load(f)
   for objective in ("madry", "ig_norm"):
     sharded, = _records(result, workload="train", objective=objective)
-    pmapped, = _records(tiny_run[0], workload="train", objective=objective,
-                        sweep=None)
+    pmapped, = _records(pmap_result, workload="train", objective=objective)
     assert sharded["parallel"] == "shard_map" != pmapped["parallel"]
     assert sharded["flops_method"] == pmapped["flops_method"] == (
         "xla_cost_analysis+loop_bodies_x_trip_count")

@@ -313,6 +313,10 @@ def test_the_loop_keys_computed_in_blocks_are_the_example_keys():
         got, train._example_keys(7, step, 3), err_msg=str(step))  # pylint: disable=protected-access
   # Only the block in use and the next one are kept.
   assert sorted(step_keys._blocks) == [5 * block, 6 * block]  # pylint: disable=protected-access
+  # The last int32 steps: no block beyond them is computed ahead.
+  for step in (2 ** 31 - block - 1, 2 ** 31 - block, 2 ** 31 - 1):
+    np.testing.assert_array_equal(
+        step_keys(step), train._example_keys(7, step, 3), err_msg=str(step))  # pylint: disable=protected-access
 
 
 def test_compiled_steps_of_a_placement_are_kept_least_recently_used_first_out():
