@@ -32,11 +32,11 @@ sample, or --data_npz). Workloads (--workloads, default all):
                runs; the layer's own function without its bias,
                `KERNEL_CALLS` calls back to back per timing; half
                the repeats before the other workloads, half after, and at
-               least one timing on each side), at the
-               batches the ig, pgd, train and attack records run them;
-               those records then get `kernel_floor_s`, the time their layers'
-               kernels would take alone, and `over_kernel_floor` (median /
-               floor; see `kernel_floor_terms`).
+               least one timing on each side), at the batches the ig, pgd,
+               train and attack records run them; those records then get
+               `kernel_floor_s`, the time their layers' kernels would take
+               alone, and `over_kernel_floor` (median / floor; see
+               `kernel_floor_terms`).
 
 Sweeps (--sweeps): `batch` (ig and a train step of --sweep_objective over
 --sweep_batch_sizes), `ig_steps` (ig over --sweep_ig_steps without and with
@@ -270,17 +270,19 @@ def _sub_jaxprs(eqn):
   return list(jax_core.jaxprs_in_params(eqn.params))
 
 
-def _live_eqns(jaxpr, used_outputs=None):
+def _live_eqns(jaxpr, used_outputs=None, live=None):
   """`(eqn, used)` of the equations whose results are used, last first.
 
   XLA drops the others (dead-code elimination), so neither FLOP count may
   count them (e.g. the weight gradient of a custom VJP when only the input
-  gradient is needed).
+  gradient is needed). `live`, if given, is filled with the variables the
+  used outputs need.
   """
   if used_outputs is None:
     used_outputs = [True] * len(jaxpr.outvars)
-  live = {v for v, used in zip(jaxpr.outvars, used_outputs)
-          if used and isinstance(v, jax_core.Var)}
+  live = set() if live is None else live
+  live.update(v for v, used in zip(jaxpr.outvars, used_outputs)
+              if used and isinstance(v, jax_core.Var))
   for eqn in reversed(jaxpr.eqns):
     used = [v in live for v in eqn.outvars]
     if not any(used) and not eqn.effects:
@@ -298,11 +300,9 @@ def _needed_inputs(eqn, used) -> list[bool]:
   value) does not need the unused result's inputs, which XLA drops.
   """
   if eqn.primitive.name == "jit" and not eqn.effects:
-    body = eqn.params["jaxpr"].jaxpr
-    live = {v for v, u in zip(body.outvars, used)
-            if u and isinstance(v, jax_core.Var)}
-    for inner, _ in _live_eqns(body, used):
-      live.update(v for v in inner.invars if isinstance(v, jax_core.Var))
+    body, live = eqn.params["jaxpr"].jaxpr, set()
+    for _ in _live_eqns(body, used, live):
+      pass
     return [v in live for v in body.invars]
   return [True] * len(eqn.invars)
 
@@ -358,13 +358,13 @@ def _body_flops(body, cache, notes, mesh=None) -> tuple[float, float]:
   """
   if id(body) not in cache:
     avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in body.in_avals]
-    fn = jax_core.jaxpr_as_fun(body)
+    body_fn = fn = jax_core.jaxpr_as_fun(body)
     if mesh is not None:
       vma = lambda a: tuple(sorted(models._vma_of_aval(a)))  # pylint: disable=protected-access
       in_axes = [vma(a) for a in body.in_avals]
       out_axes = [vma(a) for a in body.out_avals]
 
-      def varying_body(*args, body_fn=fn):
+      def varying_body(*args):
         outs = body_fn(*(jax.lax.pcast(x, ax, to="varying") if ax else x
                          for x, ax in zip(args, in_axes)))
         return [o[None] if ax and not o.ndim else o
@@ -882,8 +882,7 @@ class _Workloads:
     donating its state) called `loop_log_every` times back to back, each
     call's state fed to the next, blocking once at the end (`repeats` times,
     half before the trainer and half after it, at least once on each side):
-    the device's throughput
-    without the trainer's host work. `loop_efficiency` is alone / loop
+    the device's throughput without the trainer's host work. `loop_efficiency` is alone / loop
     seconds per step.
     """
     s = self.s
@@ -1459,8 +1458,9 @@ def run(settings: Settings) -> dict[str, Any]:
     # machine's drift affects the floors and the records alike; at least once
     # on each side (--repeats=1, as for the attack, times each kernel twice).
     kernel_plan = w.kernel_plan(_kernel_batches(s))
+    kernels_before, kernels_after = _split_repeats(s.repeats)
     w.time_kernels(kernel_plan, warmup=max(1, s.warmup),
-                   repeats=_split_repeats(s.repeats)[0])
+                   repeats=kernels_before)
   if "ig" in s.workloads:
     for steps in s.ig_steps:
       name = f"ig B={s.ig_batch} m={steps}" + (
@@ -1480,8 +1480,7 @@ def run(settings: Settings) -> dict[str, Any]:
   if "loop" in s.workloads:
     records.append(dict(w.loop(s.loop_objective, s.train_batch), **top))
   if kernel_plan:
-    w.time_kernels(kernel_plan, warmup=0,
-                   repeats=_split_repeats(s.repeats)[1])
+    w.time_kernels(kernel_plan, warmup=0, repeats=kernels_after)
     kernel_records = [dict(r, **top) for r in w.kernel_records(kernel_plan)]
     attach_kernel_floors(records, kernel_records)
     records.extend(kernel_records)
