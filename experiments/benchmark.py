@@ -108,6 +108,7 @@ from rar_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-p
 from rar_jax import objectives  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rar_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rar_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rar_jax import vma as vma_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rar_jax.attacks import attack_chunking  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rar_jax.attacks import attribution_attack  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rar_jax.attacks import pgd  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -360,12 +361,12 @@ def _body_flops(body, cache, notes, mesh=None) -> tuple[float, float]:
     avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in body.in_avals]
     body_fn = fn = jax_core.jaxpr_as_fun(body)
     if mesh is not None:
-      vma = lambda a: tuple(sorted(models._vma_of_aval(a)))  # pylint: disable=protected-access
+      vma = lambda a: tuple(sorted(vma_lib.varying_axes_of_aval(a)))
       in_axes = [vma(a) for a in body.in_avals]
       out_axes = [vma(a) for a in body.out_avals]
 
       def varying_body(*args):
-        outs = body_fn(*(jax.lax.pcast(x, ax, to="varying") if ax else x
+        outs = body_fn(*(vma_lib.cast_to_varying(x, ax)
                          for x, ax in zip(args, in_axes)))
         return [o[None] if ax and not o.ndim else o
                 for o, ax in zip(outs, out_axes)]

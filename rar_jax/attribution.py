@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rar_jax import checks
+from rar_jax import vma
 
 Array = jax.Array
 
@@ -350,9 +351,17 @@ def integrated_gradients(
     grads = jax.vmap(lambda a: grad_fn(baselines + a * diff))(alpha_chunk)
     return jnp.tensordot(weight_chunk, grads, axes=1)
 
+  def nodes(values):
+    # The nodes and weights as arrays. Under `jax.shard_map` they vary like
+    # the inputs before they enter the scan: cast inside its body, they were
+    # stacked by the backward pass as values per iteration, where XLA
+    # otherwise folds the constant weights (the IG-NORM step then took 1.12x
+    # as long as under pmap on one CPU device; `rar_jax.vma`, BUILD.md).
+    return vma.varying_like(jnp.asarray(values), inputs)
+
   m = alphas.shape[0]
   if chunk_size is None or chunk_size >= m:
-    sum_grads = weighted_grads(jnp.asarray(alphas), jnp.asarray(weights))
+    sum_grads = weighted_grads(nodes(alphas), nodes(weights))
   else:
     num_full = m // chunk_size
     split = num_full * chunk_size
@@ -362,18 +371,17 @@ def integrated_gradients(
     if unroll_chunks:
       sum_grads = jnp.zeros_like(inputs)
       for a_chunk, w_chunk in zip(a_full, w_full):
-        sum_grads = sum_grads + weighted_grads(
-            jnp.asarray(a_chunk), jnp.asarray(w_chunk))
+        sum_grads = sum_grads + weighted_grads(nodes(a_chunk),
+                                               nodes(w_chunk))
     else:
       def body(acc, aw):
         return acc + weighted_grads(*aw), None
 
       sum_grads, _ = jax.lax.scan(
-          body, jnp.zeros_like(inputs),
-          (jnp.asarray(a_full), jnp.asarray(w_full)))
+          body, jnp.zeros_like(inputs), (nodes(a_full), nodes(w_full)))
     if split < m:
-      sum_grads = sum_grads + weighted_grads(
-          jnp.asarray(alphas[split:]), jnp.asarray(weights[split:]))
+      sum_grads = sum_grads + weighted_grads(nodes(alphas[split:]),
+                                             nodes(weights[split:]))
   attributions = diff * (sum_grads / denom)
   if not return_delta:
     return attributions

@@ -43,6 +43,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rar_jax import vma
+
 Array = jax.Array
 
 # Slope of the ResNet's leaky ReLU and its surrogate (code: `_relu(x, 0.1)`).
@@ -469,27 +471,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   # Under `jax.shard_map` a replicated kernel meets a per-device input; the
   # custom rule must return a per-device kernel gradient, so the kernel is
   # cast to varying first (JAX sums the gradient over devices, as for lax's).
-  vma_lhs, vma_rhs = _vma(lhs), _vma(rhs)
-  lhs = _to_varying(lhs, vma_rhs - vma_lhs)
-  rhs = _to_varying(rhs, vma_lhs - vma_rhs)
+  lhs, rhs = vma.varying_like(lhs, rhs), vma.varying_like(rhs, lhs)
   return _fast_conv(lhs, rhs, pads, precision)
-
-
-def _vma(x) -> frozenset:
-  """The shard_map mesh axes along which `x` varies (empty outside)."""
-  return _vma_of_aval(jax.typeof(x))
-
-
-def _vma_of_aval(aval) -> frozenset:
-  mat = getattr(aval, "mat", None)  # jax 0.10: the manual axis type.
-  varying = getattr(mat, "varying", None)
-  if varying is None:
-    varying = getattr(aval, "vma", None)  # Older jax.
-  return frozenset(varying or ())
-
-
-def _to_varying(x, axes):
-  return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
 
 
 class MnistCNN(nn.Module):

@@ -54,6 +54,7 @@ from rar_jax import models
 from rar_jax import objectives
 from rar_jax import runtime
 from rar_jax import summary
+from rar_jax import vma
 from rar_jax.attacks import pgd
 
 AXIS = "batch"
@@ -404,7 +405,16 @@ def train_step(state, inputs, labels, keys, *, apply_fn, objective, hyper, tx,
     return objectives.loss(objective, apply_fn, params, inputs, labels,
                            key=keys, **hyper)
 
-  (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  # Under `jax.shard_map` the state is replicated and the batch per device.
+  # A gradient with respect to replicated parameters comes already summed
+  # over the devices (by a psum at each use of them, inside loops too: in
+  # every iteration of IG-NORM's IG scan), and the psum / pmean below would
+  # then sum its identical copies again: n times the gradient on n devices.
+  # With respect to this device's copy, the gradient is this device's, as
+  # under `jax.pmap` (where nothing is cast), and the collective below is
+  # the only sum.
+  (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      vma.varying_like(state["params"], inputs))
   # The gradient of a batch sum is the sum of the devices' gradients; that of
   # a mean over equal shards, their mean. AXIS is the axis name given to the
   # `jax.pmap` / `jax.shard_map` in `compile_train_step`.

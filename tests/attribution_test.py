@@ -10,6 +10,7 @@ import pytest
 from jax.test_util import check_grads
 
 from rar_jax import attribution
+from rar_jax import vma
 from rar_jax.attribution import integrated_gradients
 
 METHODS = attribution.METHODS
@@ -241,6 +242,42 @@ def test_unrolled_chunks_equal_the_scan_to_second_order(chunk_size,
       integrated_gradients(f, x, b, num_steps=16, chunk_size=None,
                            unroll_chunks=True),
       integrated_gradients(f, x, b, num_steps=16, chunk_size=None))
+
+
+@pytest.mark.parametrize("unroll", [False, True])
+def test_under_shard_map_the_parameter_gradient_is_the_same_program(
+    unroll, find_eqns):
+  """IG's parameter gradient under `jax.shard_map` on 4 devices: the values
+  of the plain program, and no more residuals stacked by its scans.
+
+  Replicated parameters, a batch split over the devices, and the gradient
+  of the IG norm summed over them. The quadrature nodes and weights enter
+  the scan already varying like the inputs: cast inside its body, the
+  backward pass stacked them per iteration (one more scan output), where XLA
+  otherwise folds the constant weights. The unrolled chunks (no scan) are
+  checked for their values only.
+  """
+  params = _mlp_params(30)
+  x = _normal(31, (8, 6))
+
+  def reg(p, x):
+    ig = integrated_gradients(functools.partial(_mlp, p), x, num_steps=6,
+                              chunk_size=2, unroll_chunks=unroll)
+    return jnp.sum(ig ** 2)
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("batch",))
+  P = jax.sharding.PartitionSpec
+  sharded = jax.jit(jax.shard_map(
+      lambda p, x: jax.lax.psum(jax.grad(reg)(vma.varying_like(p, x), x),
+                                "batch"),
+      mesh=mesh, in_specs=(P(), P("batch")), out_specs=P()))
+  chex.assert_trees_all_close(sharded(params, x), jax.grad(reg)(params, x),
+                              rtol=1e-5, atol=1e-6)
+  scan_outputs = lambda fn: [len(eqn.outvars)
+                              for eqn in find_eqns(fn, params, x)]
+  plain = scan_outputs(jax.grad(reg))
+  assert len(plain) == (0 if unroll else 2)   # forward and backward
+  assert scan_outputs(sharded) == plain
 
 
 def test_per_example_baselines_match_one_at_a_time():

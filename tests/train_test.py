@@ -1,6 +1,7 @@
 """Tests of rar_jax.train and experiments/train.py on smoke configs."""
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -14,9 +15,11 @@ from absl.testing import flagsaver
 import jax
 from jax import monitoring
 import numpy as np
+import optax
 import pytest
 
 from rar_jax import data as data_lib
+from rar_jax import models
 from rar_jax import summary
 from rar_jax import train
 
@@ -146,6 +149,50 @@ def test_pmap_shard_map_and_one_device_give_the_same_parameters(
   assert (one_metrics["adversarial_accuracy"]
           == pmap_metrics["adversarial_accuracy"]
           == shard_metrics["adversarial_accuracy"])
+
+
+@pytest.mark.parametrize("objective,reduction", [
+    ("natural", "mean"), ("ig_norm", "sum")])
+def test_one_step_on_four_devices_is_the_step_on_one(objective, reduction):
+  """The step's gradient is summed over the devices once, in both modes.
+
+  With SGD and weight decay the update is linear in the gradient and not
+  scale-free (Adam, as in the test above, hides a gradient n times too
+  large). IG-NORM differentiates through a loop (the IG scan), where the
+  gradient of a replicated parameter would be summed over the devices in
+  every iteration under shard_map.
+  """
+  init_fn, apply_fn, _ = models.make_apply_fns("tiny_cnn", num_classes=3)
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(8, 8, 8, 1)).astype(np.float32)
+  y = rng.integers(0, 3, size=8).astype(np.int32)
+  keys = np.asarray(jax.random.key_data(jax.random.split(
+      jax.random.key(1), 8)))
+  params = init_fn(jax.random.key(0), x[:1])
+  tx = optax.sgd(0.5, momentum=0.9)
+  state = {"params": params, "opt_state": tx.init(params),
+           "step": np.int32(0)}
+  hyper = dict(epsilon=0.3, step_size=0.1, num_steps=2, m=4, approx_factor=2,
+               lam=1.0, gamma=1.0, clip_min=0.0, clip_max=1.0,
+               reduction=reduction)
+  step = functools.partial(train.train_step, apply_fn=apply_fn,
+                           objective=objective, hyper=hyper, tx=tx,
+                           weight_decay=0.01)
+  out = {}
+  for kind, n in (("pmap", 1), ("pmap", 4), ("shard_map", 4)):
+    parallel = train._Parallel(kind, n)  # pylint: disable=protected-access
+    new, sums = parallel.compile(step, num_replicated=1)(
+        parallel.replicate(state), *parallel.shard([x, y, keys]))
+    out[kind, n] = parallel.unreplicate((new["params"], sums))
+  (one, one_sums) = out["pmap", 1]
+  assert one_sums["grad_norm"] > 0
+  for kind in ("pmap", "shard_map"):
+    params_n, sums_n = out[kind, 4]
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-5,
+                                   atol=1e-6), params_n, one)
+    for name in ("grad_norm", "loss", "count"):
+      np.testing.assert_allclose(sums_n[name], one_sums[name], rtol=2e-5,
+                                 err_msg=f"{kind} {name}")
 
 
 def test_two_processes_train_like_one_process_with_as_many_devices(
