@@ -540,11 +540,18 @@ class _Parallel:
     return self._compiled[key]
 
   def compile(self, fn, *, num_replicated: int, donate_state=False):
-    """`fn(*replicated, *sharded)`; returns replicated outputs."""
-    donate = (0,) if donate_state else ()
+    """`fn(*replicated, *sharded)`; returns replicated outputs.
+
+    `donate_state` donates the first argument (the train state) under
+    `shard_map` only. Under `pmap`, XLA copied every donated buffer at the
+    start of the train step (the optimiser's update read the old moments
+    after they were overwritten in place), which saved no memory and made
+    the NATURAL step about 1.5x slower on CPU (BUILD.md, Performance).
+    """
     if self.kind == "pmap":
-      return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate,
+      return jax.pmap(fn, axis_name=AXIS,
                       devices=None if self.multi_process else self.local)
+    donate = (0,) if donate_state else ()
 
     def wrapped(*args):
       return jax.shard_map(

@@ -383,4 +383,19 @@ def test_compiled_steps_of_a_placement_are_kept_least_recently_used_first_out():
                                 np.ones((1, 2)))
 
 
+def test_the_state_is_donated_under_shard_map_only():
+  """`compile(donate_state=True)`: under pmap XLA copied the whole donated
+  state at the start of the step (no memory saved, a slower step), so pmap
+  keeps its input; shard_map reuses its buffers."""
+  for kind, donated in (("pmap", False), ("shard_map", True)):
+    parallel = train._Parallel(kind, 1)  # pylint: disable=protected-access
+    total = lambda x: jax.lax.psum(x.sum(), train.AXIS)
+    step = parallel.compile(lambda state, x: (state + total(x), total(x)),
+                            num_replicated=1, donate_state=True)
+    state = parallel.replicate(np.ones(3, np.float32))
+    new, _ = step(state, *parallel.shard([np.ones((2,), np.float32)]))
+    np.testing.assert_array_equal(parallel.unreplicate(new), 3.0)
+    assert state.is_deleted() == donated, kind
+
+
 # Bad configs, bad data and non-finite steps: tests/reliability_test.py.
