@@ -417,7 +417,9 @@ def test_forward_mode_needs_plain_convs():
 
 
 def test_fast_conv_gradients_under_shard_map_match_lax():
-  """A replicated kernel and per-device inputs: same gradients as lax's."""
+  """A replicated kernel and per-device inputs: the gradients of lax's
+  convolution and of the whole batch on one device. (JAX sums the gradient
+  of the replicated kernel over the devices itself: no psum.)"""
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
   mesh = jax.make_mesh((jax.device_count(),), ("batch",))
   x = jax.device_put(
@@ -429,15 +431,17 @@ def test_fast_conv_gradients_under_shard_map_match_lax():
   def grads(conv):
     def per_device(x, k):
       f = lambda x, k: jnp.sum(jnp.sin(conv(x, k, (1, 1), "SAME")))
-      gx, gk = jax.grad(f, (0, 1))(x, k)
-      return gx, jax.lax.psum(gk, "batch")
+      return jax.grad(f, (0, 1))(x, k)
     return jax.jit(lambda x, k: jax.shard_map(
         per_device, mesh=mesh,
         in_specs=(PartitionSpec("batch"), PartitionSpec()),
         out_specs=(PartitionSpec("batch"), PartitionSpec()))(x, k))(x, k)
 
+  whole = jax.grad(lambda x, k: jnp.sum(jnp.sin(_lax_conv(
+      x, k, (1, 1), "SAME"))), (0, 1))(np.asarray(x), np.asarray(k))
   chex.assert_trees_all_close(grads(_fast_conv), grads(_lax_conv), rtol=1e-5,
                               atol=1e-6)
+  chex.assert_trees_all_close(grads(_fast_conv), whole, rtol=1e-5, atol=1e-5)
 
 
 def _one_hot_pool(x):
