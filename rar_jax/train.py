@@ -542,17 +542,20 @@ class _Parallel:
   def compile(self, fn, *, num_replicated: int, donate_state=False):
     """`fn(*replicated, *sharded)`; returns replicated outputs.
 
-    `donate_state` donates the first argument (the train state) under
-    `shard_map` only. Under `pmap`, XLA copied every donated buffer at the
-    start of the train step (the optimiser's update read the old moments
-    after they were overwritten in place), which saved no memory and made
-    the NATURAL step about 1.5x slower on CPU (BUILD.md, Performance).
+    `donate_state` donates the first argument (the train state), except
+    under `pmap` on CPU. There XLA's copy insertion copied all 24 float
+    buffers of the donated MNIST CNN state at the start of the train step (a
+    fusion writing a new Adam moment in place runs beside one still reading
+    the old one), which saved no memory and made the NATURAL step 1.2-1.5x
+    slower (BUILD.md, Performance). `shard_map` on CPU donates without
+    copies; `pmap` on GPU and TPU still donates (not measured there).
     """
-    if self.kind == "pmap":
-      return jax.pmap(fn, axis_name=AXIS,
-                      devices=None if self.multi_process else self.local)
     donate = (0,) if donate_state else ()
-
+    if self.kind == "pmap":
+      if self.local[0].platform == "cpu":
+        donate = ()
+      return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate,
+                      devices=None if self.multi_process else self.local)
     def wrapped(*args):
       return jax.shard_map(
           fn, mesh=self.mesh,
