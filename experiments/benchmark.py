@@ -883,8 +883,8 @@ class _Workloads:
     donating its state) called `loop_log_every` times back to back, each
     call's state fed to the next, blocking once at the end (`repeats` times,
     half before the trainer and half after it, at least once on each side):
-    the device's throughput without the trainer's host work. `loop_efficiency` is alone / loop
-    seconds per step.
+    the device's throughput without the trainer's host work.
+    `loop_efficiency` is alone / loop seconds per step.
     """
     s = self.s
     step_fn, args, hyper = self._train_program(objective, batch, 1)

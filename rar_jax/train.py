@@ -556,6 +556,7 @@ class _Parallel:
         donate = ()
       return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate,
                       devices=None if self.multi_process else self.local)
+
     def wrapped(*args):
       return jax.shard_map(
           fn, mesh=self.mesh,
