@@ -10,7 +10,8 @@ r"""Evaluates a trained model: NA, AA, IN, CO and the figures (absl binary).
 arguments; `--config.attack.*` and `--config.eval.pgd_*` change the attacks).
 Reads the latest checkpoint of --workdir and writes, into --workdir or
 --output: results.json, results.md, results.csv, per_example.npz,
-figure_saliency.png and figure_kendall_hist.png (see rar_jax/evaluation.py).
+figure_saliency.png, figure_kendall_hist.png and figure_examples.npz (the
+figure's data, for experiments/combine.py; see rar_jax/evaluation.py).
 Prints the table row and the main metrics as JSON on stdout. Combine several
 runs into one table with experiments/combine.py.
 """

@@ -14,7 +14,9 @@ checkpoint and measures, on the test split (spec section 4):
 It writes `results.json`, the table row `results.md` / `results.csv`
 (Dataset | Method | NA | AA | IN | CO), `per_example.npz`, and the figures
 `figure_saliency.png` (image, IG map, attacked image, its IG map: the paper's
-Figure 1) and `figure_kendall_hist.png`, into the workdir or `output_dir`.
+Figure 1) and `figure_kendall_hist.png`, with the first figure's data
+`figure_examples.npz` (for `experiments/combine.py`), into the workdir or
+`output_dir`.
 
   from experiments.configs import quickstart
   results = evaluate_checkpoint(quickstart.get_config(), "/tmp/rar_quickstart")
@@ -1020,7 +1022,7 @@ def evaluate_checkpoint(config, workdir: str,
     seed: override `config.seed` (PGD starts, attack restarts).
     dataset_name: the Dataset column (None: from `dataset.name`).
     method_name: the Method column (None: from `objective.name`).
-    figures: also write the two PNG figures.
+    figures: also write the two PNG figures and `figure_examples.npz`.
 
   Returns:
     The contents of `results.json`: `natural_accuracy`,

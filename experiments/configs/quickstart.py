@@ -16,8 +16,8 @@ accuracy ~0.79 (measured: 0.950 / 0.792).
       --workdir=/tmp/rar_quickstart
 
 Then the paper's evaluation (NA, AA, and the top-k attribution attack, 20
-steps with 50 IG points, on the first 100 test images), about 1.5 minutes on
-2 CPU cores; measured: NA 95.00%, AA 79.20%, IN 88.80%, CO (Kendall's tau)
+steps with 50 IG points, on the first 100 test images), about 1 minute on 2
+CPU cores; measured: NA 95.00%, AA 79.20%, IN 88.80%, CO (Kendall's tau)
 0.5062, with the table, per-example results and figures in the workdir:
 
   python experiments/evaluate.py --config=experiments/configs/quickstart.py \
