@@ -322,6 +322,39 @@ def test_prepare_gtsrb_from_udacity_pickles(tmp_path):
     prepare.prepare_gtsrb(str(tmp_path / "out" / "nothing"), str(tmp_path))
 
 
+def test_prepare_flower17_takes_the_jpg_folder_or_the_one_above(tmp_path,
+                                                                 capsys):
+  image_module = pytest.importorskip("PIL.Image")
+  source = tmp_path / "17flowers" / "jpg"   # as the archive extracts
+  source.mkdir(parents=True)
+  for number in range(1, 9):
+    image_module.fromarray(np.full((6, 5, 3), number, np.uint8)).save(
+        source / f"image_{number:04d}.jpg")
+  common = ["flower17", "--images_per_class=4", "--num_train_per_class=3",
+            "--image_size=4", "--balance_per_class=0"]
+  for name, folder in (("jpg", source), ("root", source.parent)):
+    prepare.main(common + [f"--source={folder}",
+                           f"--output={tmp_path / name}"])
+  for split in ("train", "test"):
+    a, b = (np.load(tmp_path / name / f"{split}.npz") for name in ("jpg",
+                                                                   "root"))
+    assert len(a["labels"]) == {"train": 6, "test": 2}[split]
+    np.testing.assert_array_equal(a["images"], b["images"])
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+  # A folder without the images, or none at all: one line, status 1.
+  (tmp_path / "empty").mkdir()
+  for folder in (tmp_path / "empty", tmp_path / "missing"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+      prepare.main(common + [f"--source={folder}",
+                             f"--output={tmp_path / 'out'}"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(folder) in err, err
+    assert "error:" in err and "accepted: " in err, err
+  assert not (tmp_path / "out").exists()
+
+
 def test_split_per_class():
   labels = np.array([2, 0, 0, 1, 2, 0, 1, 2])
   train, test = prepare.split_per_class(labels, num_train_per_class=2)

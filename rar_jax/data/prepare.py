@@ -13,7 +13,8 @@ reads as float32 in [0, 255].
   `train/CLASS/*` / `test/CLASS/*` (resized to 32x32). Each channel of each
   image is histogram-equalised (`cv2.equalizeHist`). The paper's code
   equalises at load time; doing it once here gives the same arrays.
-* flower17: `DIR` is the Oxford 17 Category Flowers `jpg/` folder
+* flower17: `DIR` is the Oxford 17 Category Flowers `jpg/` folder, or the
+  folder that holds it (where `17flowers.tgz` was extracted)
   (`image_0001.jpg` .. `image_1360.jpg`; class = consecutive blocks of 80
   file numbers, in the order of the dataset's class list, Daffodil first).
   Images are resized to 128x128 (Lanczos, PIL's former ANTIALIAS), shuffled
@@ -188,7 +189,8 @@ def prepare_flower17(source: str, output: str, *,
 
   Args:
     source: folder with `image_NNNN.jpg` (any image extension), numbered from
-      1; class = (NNNN - 1) // images_per_class.
+      1, or a folder whose `jpg/` sub-folder has them (the dataset's archive
+      extracted); class = (NNNN - 1) // images_per_class.
     output: folder to write `train.npz` and `test.npz` to (created).
     image_size: (height, width) of the stored images.
     images_per_class: size of each block of consecutive file numbers.
@@ -204,7 +206,8 @@ def prepare_flower17(source: str, output: str, *,
     {"train": N_train, "test": N_test}.
 
   Raises:
-    FileNotFoundError: no `image_NNNN.*` files in `source`.
+    FileNotFoundError: `source` is not a folder, or neither it nor its
+      `jpg/` sub-folder has `image_NNNN.*` files.
     ValueError: `balance_per_class` < 0.
 
   References:
@@ -227,13 +230,25 @@ def prepare_flower17(source: str, output: str, *,
   """
   _check_balance(balance_per_class)
   pattern = re.compile(r"image_(\d+)\.[A-Za-z]+$")
-  files = sorted(
-      (int(m.group(1)), p) for p in pathlib.Path(source).iterdir()
-      if (m := pattern.match(p.name)) and not p.name.startswith("."))
+  root = pathlib.Path(source)
+  if not root.is_dir():
+    raise FileNotFoundError(
+        f"Flower-17 source {source!r} is not a folder; accepted: the "
+        "dataset's 'jpg/' folder of image_NNNN.jpg files, or the folder that "
+        "holds it.")
+
+  def numbered(folder):
+    return sorted(
+        (int(m.group(1)), p) for p in folder.iterdir()
+        if (m := pattern.match(p.name)) and not p.name.startswith("."))
+
+  files = numbered(root)
+  if not files and (root / "jpg").is_dir():
+    files = numbered(root / "jpg")
   if not files:
     raise FileNotFoundError(
-        f"No image_NNNN.jpg files in {source!r}; expected the Flower-17 "
-        "'jpg/' folder.")
+        f"No image_NNNN.jpg files in {source!r} or its 'jpg/' sub-folder; "
+        "accepted: the Flower-17 'jpg/' folder, or the folder that holds it.")
   images = np.stack([
       sources.resize_images(_to_rgb(sources.read_image(p))[None],
                             image_size)[0] for _, p in files])
@@ -353,6 +368,11 @@ def main(argv: Sequence[str] | None = None) -> None:
       `--balance_per_class`, `--augment_seed`, and for flower17
       `--images_per_class`, `--num_train_per_class`, `--image_size`, `--seed`.
 
+  Raises:
+    SystemExit: bad flags (status 2), or a `--source` without the dataset's
+      files (status 1, one line on stderr naming the folder and what is
+      accepted).
+
   References:
     RAR spec Sec. 5.2-5.3 (the paper's GTSRB and Flower preprocessing).
 
@@ -396,20 +416,24 @@ def main(argv: Sequence[str] | None = None) -> None:
   if args.balance_per_class is not None and args.balance_per_class < 0:
     parser.error("--balance_per_class must be >= 0 (0: no augmented "
                  f"copies); got {args.balance_per_class}")
-  if args.dataset == "gtsrb":
-    counts = prepare_gtsrb(
-        args.source, args.output,
-        balance_per_class=_default(args.balance_per_class, GTSRB_PER_CLASS),
-        augment_seed=_default(args.augment_seed, 0))
-  else:
-    counts = prepare_flower17(
-        args.source, args.output,
-        image_size=(args.image_size, args.image_size),
-        images_per_class=args.images_per_class,
-        num_train_per_class=args.num_train_per_class, seed=args.seed,
-        balance_per_class=_default(args.balance_per_class,
-                                   FLOWER17_PER_CLASS),
-        augment_seed=args.augment_seed)
+  try:
+    if args.dataset == "gtsrb":
+      counts = prepare_gtsrb(
+          args.source, args.output,
+          balance_per_class=_default(args.balance_per_class, GTSRB_PER_CLASS),
+          augment_seed=_default(args.augment_seed, 0))
+    else:
+      counts = prepare_flower17(
+          args.source, args.output,
+          image_size=(args.image_size, args.image_size),
+          images_per_class=args.images_per_class,
+          num_train_per_class=args.num_train_per_class, seed=args.seed,
+          balance_per_class=_default(args.balance_per_class,
+                                     FLOWER17_PER_CLASS),
+          augment_seed=args.augment_seed)
+  except FileNotFoundError as e:
+    # A wrong --source: one line, status 1 (as the training binary).
+    parser.exit(1, f"{parser.prog}: error: {e}\n")
   print(f"Wrote {counts} images to {args.output}", file=sys.stderr)
 
 
