@@ -151,7 +151,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.attack.num_ig_steps = 100
   c.attack.saliency = "ig"          # "ig" | "gradient"
   c.attack.quantize = False         # truncate pixels to integers every step
-  c.attack.batch_size = 100         # examples per batch, over all devices
+  c.attack.batch_size = 100         # examples per batch, over all devices (fewer: all at once)
   c.attack.num_examples = ml_collections.FieldReference(None, field_type=int)
   # IG points per chunk; None: by device (`attacks.attack_chunk_size`).
   c.attack.ig_chunk_size = ml_collections.FieldReference(None, field_type=int)

@@ -320,6 +320,44 @@ def test_pgd_restarts_only_lower_the_adversarial_accuracy(trained):
   assert three["adversarial_accuracy"] <= one["adversarial_accuracy"]
 
 
+def test_fewer_examples_than_a_batch_are_attacked_in_a_smaller_batch(
+    monkeypatch):
+  """Not a whole padded batch (it took as long): a multiple of the devices."""
+  c = train.default_config()
+  c.attack.update(k_top=2, eval_k=2, num_steps=2, step_size=0.05,
+                  epsilon=0.1, num_ig_steps=4, batch_size=8, num_examples=3)
+  apply_fn = lambda p, x: x.reshape(len(x), -1) @ p   # linear, 2 classes
+  rng = np.random.default_rng(0)
+  images = rng.uniform(size=(5, 2, 2, 1)).astype(np.float32)
+  w = rng.normal(size=(4, 2)).astype(np.float32)
+  labels = np.argmax(images.reshape(5, 4) @ w, axis=-1)
+  sizes, pad_batch = [], data_lib.pad_batch
+
+  def spy(*args, batch_size):
+    sizes.append(batch_size)
+    return pad_batch(*args, batch_size=batch_size)
+
+  monkeypatch.setattr(evaluation.data_lib, "pad_batch", spy)
+  runs = {}
+  for num_devices, expected in ((1, [3]), (2, [4]), (4, [4])):
+    c.num_devices, sizes[:] = num_devices, []
+    runs[num_devices], _ = evaluation.attribution_robustness(
+        c, apply_fn, apply_fn, w, images, labels)
+    assert sizes == expected, (num_devices, sizes)
+  # The same examples in a whole batch of 4 (then 1 padded to 4).
+  c.num_devices, sizes[:] = 1, []
+  c.attack.update(batch_size=4, num_examples=5)
+  whole, _ = evaluation.attribution_robustness(c, apply_fn, apply_fn, w,
+                                               images, labels)
+  assert sizes == [4, 4]
+  for run in runs.values():
+    np.testing.assert_array_equal(run["index"], [0, 1, 2])
+    np.testing.assert_array_equal(run["correct"], whole["correct"][:3])
+    for key in evaluation.METRICS:
+      np.testing.assert_allclose(run[key], whole[key][:3], atol=1e-6,
+                                 err_msg=key)
+
+
 def test_summarize_divides_sums_by_the_number_of_correct_examples():
   per_example = {
       "correct": np.array([True, False, True]),
