@@ -43,7 +43,9 @@ _NUM_EXAMPLES = flags.DEFINE_integer(
     "first N test examples only (default: as the config says).", lower_bound=1)
 _SALIENCY = flags.DEFINE_enum(
     "saliency", None, ["ig", "gradient"], "Saliency map to attack (default: "
-    "config.attack.saliency, 'ig' as the paper's table).")
+    "config.attack.saliency, 'ig' as the paper's table). The original's "
+    "simple-gradient attack kept real-valued pixels on GTSRB/Flower: add "
+    "--config.attack.quantize=false to match it.")
 _SEED = flags.DEFINE_integer(
     "seed", None, "Seed of the PGD starts and attack restarts (default: "
     "config.seed). The same seed gives the same results.")

@@ -51,9 +51,10 @@ HYPER_KEYS = ("epsilon", "step_size", "num_steps", "m", "approx_factor", "lam",
 def cross_entropy(logits: Array, labels: Array) -> Array:
   """Per-example softmax cross-entropy, `[N, C], [N] -> [N]`.
 
-  Computed from `log_softmax`, which is stable for any logits. (The original
-  TF code used `-log(clip(softmax, 1e-10, 1))`, whose gradient vanishes when
-  `p_y < 1e-10`; the two agree everywhere else.)
+  Computed from `log_softmax`, which is stable for any logits. (On the IG
+  path, the original TF code used `-log(clip(softmax, 1e-10, 1))`, whose
+  gradient vanishes when `p_y < 1e-10`; the two agree everywhere else. Its
+  other cross-entropies were, as here, computed from the logits.)
 
   Args:
     logits: `[N, C]` class scores.
