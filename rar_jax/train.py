@@ -151,7 +151,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.attack.num_ig_steps = 100
   c.attack.saliency = "ig"          # "ig" | "gradient"
   c.attack.quantize = False         # truncate pixels to integers every step
-  c.attack.batch_size = 100         # examples per batch, over all devices (fewer: all at once)
+  # Examples per batch, over all devices (fewer examples: one batch of them).
+  c.attack.batch_size = 100
   c.attack.num_examples = ml_collections.FieldReference(None, field_type=int)
   # IG points per chunk; None: by device (`attacks.attack_chunk_size`).
   c.attack.ig_chunk_size = ml_collections.FieldReference(None, field_type=int)
@@ -231,6 +232,10 @@ def create_optimizer(opt_config) -> optax.GradientTransformation:
   Args:
     opt_config: `config.optimizer` (`name`, `momentum` and the learning rate
       fields of `learning_rate_schedule`).
+
+  `optax.adam` adds its epsilon after the bias correction, where TF's
+  `AdamOptimizer` (the original code's) adds it before (BUILD.md,
+  Deviations).
 
   Returns:
     An `optax.GradientTransformation`.

@@ -337,7 +337,17 @@ def test_fewer_examples_than_a_batch_are_attacked_in_a_smaller_batch(
     sizes.append(batch_size)
     return pad_batch(*args, batch_size=batch_size)
 
+  # Each example's random keys, in every batching: from its index alone.
+  keys, per_example_keys = {}, evaluation._per_example_keys  # pylint: disable=protected-access
+
+  def key_spy(seed, indices):
+    out = per_example_keys(seed, indices)
+    for i, key in zip(indices, out):
+      keys.setdefault(int(i), set()).add(tuple(np.asarray(key).ravel()))
+    return out
+
   monkeypatch.setattr(evaluation.data_lib, "pad_batch", spy)
+  monkeypatch.setattr(evaluation, "_per_example_keys", key_spy)
   runs = {}
   for num_devices, expected in ((1, [3]), (2, [4]), (4, [4])):
     c.num_devices, sizes[:] = num_devices, []
@@ -350,6 +360,8 @@ def test_fewer_examples_than_a_batch_are_attacked_in_a_smaller_batch(
   whole, _ = evaluation.attribution_robustness(c, apply_fn, apply_fn, w,
                                                images, labels)
   assert sizes == [4, 4]
+  assert set(keys) == set(range(8))   # 5 examples, then 3 rows of padding
+  assert all(len(drawn) == 1 for drawn in keys.values()), keys
   for run in runs.values():
     np.testing.assert_array_equal(run["index"], [0, 1, 2])
     np.testing.assert_array_equal(run["correct"], whole["correct"][:3])

@@ -14,8 +14,9 @@ Flower, of which only the TF one is kept (BUILD.md, Deviations).
 Data: MNIST and Fashion-MNIST come from tensorflow-datasets (prepared once,
 see BUILD.md). The paper trains on the 55,000 images left after TF's reader
 holds out the first 5,000; tfds stores the examples in another order, so
-`train[5000:]` is a split of the same size, not the same images. GTSRB and Flower-17 come from `python -m rar_jax.data.prepare`
-(their `dataset.name` is `npz:data/gtsrb` / `npz:data/flower17`; override with
+`train[5000:]` is a split of the same size, not the same images. GTSRB and
+Flower-17 come from `python -m rar_jax.data.prepare` (their `dataset.name` is
+`npz:data/gtsrb` / `npz:data/flower17`; override with
 `--config.dataset.name=npz:PATH`), which also reproduces the paper's
 class-balancing augmentation (GTSRB to 10,000 and Flower to 1,000 training
 images per class).
