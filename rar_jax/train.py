@@ -341,11 +341,18 @@ def check_divisible(field: str, batch_size: int, config) -> None:
 
 
 def _num_devices(config) -> int:
+  """This process's devices: `config.num_devices`, or all local ones."""
   available = jax.local_device_count()
   n = config.num_devices or available
   if not 1 <= n <= available:
     raise ValueError(f"num_devices={n} is not accepted; this host has "
                      f"{available} local devices.")
+  if n != available and jax.process_count() > 1:
+    # `_Parallel` spans every device of every process.
+    raise ValueError(
+        f"num_devices={n} is not accepted with {jax.process_count()} "
+        f"processes: each process uses all its {available} local devices; "
+        f"leave num_devices unset or set it to {available}.")
   return n
 
 

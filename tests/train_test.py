@@ -195,6 +195,25 @@ def test_one_step_on_four_devices_is_the_step_on_one(objective, reduction):
                                  err_msg=f"{kind} {name}")
 
 
+def test_several_processes_refuse_fewer_devices_than_they_use(monkeypatch):
+  """With several processes the placement spans all local devices."""
+  config = train.default_config()
+  local = jax.local_device_count()
+  config.num_devices = local - 1
+  assert train._num_devices(config) == local - 1   # one process: as asked
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match=(
+      rf"num_devices={local - 1} is not accepted with 2 processes: each "
+      rf"process uses all its {local} local devices")):
+    train._num_devices(config)
+  with pytest.raises(ValueError, match=rf"num_devices={local - 1}"):
+    train.check_divisible("batch_size", 8 * local, config)
+  config.num_devices = local
+  assert train._num_devices(config) == local
+  config.num_devices = None
+  assert train._num_devices(config) == local
+
+
 def test_two_processes_train_like_one_process_with_as_many_devices(
     tmp_path, four_devices):
   """jax.distributed on localhost: 2 processes x 2 devices == 1 x 4."""
