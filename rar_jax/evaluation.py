@@ -75,7 +75,8 @@ _KEY_SALT = 2   # train uses 0 (training PGD) and 1 (evaluation PGD)
 
 # The trainer's device placement, shared on purpose: one place for parallelism.
 _Parallel = train._Parallel  # pylint: disable=protected-access
-_example_keys = train._example_keys  # pylint: disable=protected-access
+_index_keys = train._index_keys  # pylint: disable=protected-access
+_loop_batch_size = train._loop_batch_size  # pylint: disable=protected-access
 _num_devices = train._num_devices  # pylint: disable=protected-access
 _process_slice = train._process_slice  # pylint: disable=protected-access
 
@@ -525,13 +526,13 @@ def accuracies(config, apply_fn, params, images, labels, *,
   p_params = parallel.replicate(params)
   n = config.eval.num_examples or len(images)
   count = min(n, config.eval.pgd_num_examples or n)
-  bs, total = config.eval.batch_size, {}
+  bs, total = _loop_batch_size(config.eval.batch_size, count, parallel), {}
   for start in range(0, count, bs):
     x, y, mask = data_lib.pad_batch(images[start:min(start + bs, count)],
                                     labels[start:min(start + bs, count)],
                                     batch_size=bs)
     # The keys of `train.evaluate`: restart 0 is its attack.
-    keys = _example_keys(config.seed, start, bs, salt=1)
+    keys = _index_keys(config.seed, np.arange(start, start + bs), salt=1)
     local = [_process_slice(v) for v in (x, y, mask, keys)]
     out = parallel.unreplicate(step_fn(p_params, *parallel.shard(local)))
     total = {k: total.get(k, 0.0) + float(v) for k, v in out.items()}
@@ -542,9 +543,7 @@ def accuracies(config, apply_fn, params, images, labels, *,
 
 def _per_example_keys(seed: int, indices: np.ndarray) -> np.ndarray:
   """`[B, 2]` uint32 key data: one key per test example, from its index."""
-  base = jax.random.fold_in(jax.random.key(seed), _KEY_SALT)
-  keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices))
-  return np.asarray(jax.random.key_data(keys))
+  return _index_keys(seed, indices, _KEY_SALT)
 
 
 def attribution_robustness(config, apply_fn, surrogate_apply_fn, params,
@@ -601,12 +600,7 @@ def attribution_robustness(config, apply_fn, surrogate_apply_fn, params,
                         settings=settings), num_replicated=1)
   p_params = parallel.replicate(params)
   n = min(config.attack.num_examples or len(images), len(images))
-  # Fewer examples than a batch: a batch of them (rounded up to a multiple
-  # of the devices), not a whole padded batch, which took as long as a
-  # whole one (`--num_examples=4` with the MNIST presets' batch of 100).
-  # Each example's keys come from its index, so only the rounding changes.
-  devices = parallel.mesh.size
-  bs = min(config.attack.batch_size, -(-max(n, 1) // devices) * devices)
+  bs = _loop_batch_size(config.attack.batch_size, n, parallel)
   num_figures = config.attack.num_figure_examples
   columns = {k: [] for k in _PER_EXAMPLE}
   figures = {k: [] for k in ("index", "label", "image") + _PER_EXAMPLE

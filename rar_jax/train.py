@@ -706,6 +706,38 @@ def _example_keys(seed: int, step: int, batch_size: int, salt: int = 0):
                                         salt))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _index_key_data(seed, indices, salt):
+  base = jax.random.fold_in(jax.random.key(seed), salt)
+  return jax.random.key_data(
+      jax.vmap(lambda i: jax.random.fold_in(base, i))(indices))
+
+
+def _index_keys(seed: int, indices, salt: int) -> np.ndarray:
+  """`[B, 2]` uint32 key data: test example i's key from (seed, salt, i).
+
+  The evaluation's random draws (PGD starts for AA, the attack's restarts),
+  so that an example draws the same key in any batch and on any number of
+  devices: the batch size then changes only the rounding. On the CPU, as
+  `_example_keys`.
+  """
+  with jax.default_device(_host_cpu()):
+    return np.asarray(_index_key_data(seed, np.asarray(indices, np.int32),
+                                      salt))
+
+
+def _loop_batch_size(batch_size: int, count: int, parallel) -> int:
+  """The global batch of an evaluation loop over `count` examples.
+
+  `batch_size`, or, with fewer examples, `count` rounded up to a multiple of
+  the devices (`parallel.mesh.size`, every process's): a short evaluation
+  (`--num_examples=4` with the presets' batch of 100) is not padded to a
+  whole batch, which took as long as a whole one.
+  """
+  devices = parallel.mesh.size
+  return min(batch_size, -(-max(count, 1) // devices) * devices)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
 def _example_key_block(seed, first_step, batch_size, salt, num_steps):
   steps = first_step + jnp.arange(num_steps, dtype=jnp.int32)
@@ -1135,12 +1167,12 @@ def evaluate(config, apply_fn, params, images, labels, *, parallel=None,
         num_replicated=1)
     count = min(n, config.eval.pgd_num_examples or n) if use_pgd else n
     total = {}
-    bs = config.eval.batch_size
+    bs = _loop_batch_size(config.eval.batch_size, count, parallel)
     for start in range(0, count, bs):
       x, y, mask = data_lib.pad_batch(
           images[start:start + bs][:count - start],
           labels[start:start + bs][:count - start], batch_size=bs)
-      keys = _example_keys(config.seed, start, bs, salt=1)
+      keys = _index_keys(config.seed, np.arange(start, start + bs), salt=1)
       local = [_process_slice(v) for v in (x, y, mask, keys)]
       out = step_fn(p_params, *parallel.shard(local))
       out = parallel.unreplicate(out)

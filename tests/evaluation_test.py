@@ -370,6 +370,32 @@ def test_fewer_examples_than_a_batch_are_attacked_in_a_smaller_batch(
                                  err_msg=key)
 
 
+@pytest.mark.parametrize("restarts", [1, 2])
+def test_adversarial_accuracy_does_not_depend_on_the_batches(restarts):
+  """PGD's random starts come from each example's index, in any batching."""
+  c = train.default_config()
+  c.eval.pgd_num_restarts = restarts
+  # A small step from a random start in a wide ball: where PGD ends, and so
+  # whether an example near the boundary stays correct, depends on its start.
+  c.objective.update(epsilon=0.5, step_size=0.05, num_steps=1)
+  apply_fn = lambda p, x: x.reshape(len(x), -1) @ p   # linear, 2 classes
+  rng = np.random.default_rng(1)
+  images = rng.uniform(0.3, 0.7, size=(24, 2, 2, 1)).astype(np.float32)
+  w = rng.normal(size=(4, 2)).astype(np.float32)
+  labels = np.argmax(images.reshape(24, 4) @ w, axis=-1)
+  results = set()
+  for num_devices, batch_size in ((1, 24), (1, 8), (1, 5), (4, 8), (2, 12)):
+    c.num_devices, c.eval.batch_size = num_devices, batch_size
+    out = evaluation.accuracies(c, apply_fn, w, images, labels)
+    assert out["num_adversarial_examples"] == 24
+    results.add(out["adversarial_accuracy"])
+  assert len(results) == 1, results
+  # ... and the starts matter: another seed gives another AA.
+  c.seed += 1
+  assert evaluation.accuracies(c, apply_fn, w, images, labels)[
+      "adversarial_accuracy"] not in results
+
+
 def test_summarize_divides_sums_by_the_number_of_correct_examples():
   per_example = {
       "correct": np.array([True, False, True]),
