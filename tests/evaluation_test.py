@@ -383,14 +383,18 @@ def test_adversarial_accuracy_does_not_depend_on_the_batches(restarts):
   images = rng.uniform(0.3, 0.7, size=(24, 2, 2, 1)).astype(np.float32)
   w = rng.normal(size=(4, 2)).astype(np.float32)
   labels = np.argmax(images.reshape(24, 4) @ w, axis=-1)
-  results = set()
-  for num_devices, batch_size in ((1, 24), (1, 8), (1, 5), (4, 8), (2, 12)):
-    c.num_devices, c.eval.batch_size = num_devices, batch_size
-    out = evaluation.accuracies(c, apply_fn, w, images, labels)
-    assert out["num_adversarial_examples"] == 24
-    results.add(out["adversarial_accuracy"])
-  assert len(results) == 1, results
-  # ... and the starts matter: another seed gives another AA.
+  # Batches of 100 hold fewer examples: one batch of them, rounded up to
+  # the devices (22 on 4 devices: 24, 2 of them padding).
+  batchings = ((1, 24), (1, 8), (1, 5), (4, 8), (2, 12), (1, 100), (4, 100))
+  for count in (22, 24):
+    c.eval.num_examples, results = count, set()
+    for num_devices, batch_size in batchings:
+      c.num_devices, c.eval.batch_size = num_devices, batch_size
+      out = evaluation.accuracies(c, apply_fn, w, images, labels)
+      assert out["num_adversarial_examples"] == out["num_examples"] == count
+      results.add(out["adversarial_accuracy"])
+    assert len(results) == 1, (count, results)
+  # ... and the starts matter: another seed gives another AA (all 24).
   c.seed += 1
   assert evaluation.accuracies(c, apply_fn, w, images, labels)[
       "adversarial_accuracy"] not in results
