@@ -70,12 +70,13 @@ _METHOD_LABELS = {"natural": "NATURAL", "madry": "Madry", "trades": "TRADES",
 # Attack outputs kept per example (the rest serve the figures).
 _PER_EXAMPLE = METRICS + ("mass_center_shift", "attacked", "found")
 _FIGURE = ("adv_inputs", "clean_saliency", "adv_saliency")
-_KEY_SALT = 2   # train uses 0 (training PGD) and 1 (evaluation PGD)
+_KEY_SALT = 2   # train uses 0 (training PGD) and 1 (`train._EVAL_PGD_SALT`)
 
 
 # The trainer's device placement, shared on purpose: one place for parallelism.
 _Parallel = train._Parallel  # pylint: disable=protected-access
 _index_keys = train._index_keys  # pylint: disable=protected-access
+_EVAL_PGD_SALT = train._EVAL_PGD_SALT  # pylint: disable=protected-access
 _loop_batch_size = train._loop_batch_size  # pylint: disable=protected-access
 _num_devices = train._num_devices  # pylint: disable=protected-access
 _process_slice = train._process_slice  # pylint: disable=protected-access
@@ -532,7 +533,8 @@ def accuracies(config, apply_fn, params, images, labels, *,
                                     labels[start:min(start + bs, count)],
                                     batch_size=bs)
     # The keys of `train.evaluate`: restart 0 is its attack.
-    keys = _index_keys(config.seed, np.arange(start, start + bs), salt=1)
+    keys = _index_keys(config.seed, np.arange(start, start + bs),
+                       _EVAL_PGD_SALT)
     local = [_process_slice(v) for v in (x, y, mask, keys)]
     out = parallel.unreplicate(step_fn(p_params, *parallel.shard(local)))
     total = {k: total.get(k, 0.0) + float(v) for k, v in out.items()}

@@ -706,6 +706,11 @@ def _example_keys(seed: int, step: int, batch_size: int, salt: int = 0):
                                         salt))
 
 
+# The salt of the evaluation's PGD keys (AA; `evaluation.accuracies`' restart
+# 0 is the same attack). Training's keys use 0, the attribution attack's 2.
+_EVAL_PGD_SALT = 1
+
+
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _index_key_data(seed, indices, salt):
   base = jax.random.fold_in(jax.random.key(seed), salt)
@@ -1172,7 +1177,8 @@ def evaluate(config, apply_fn, params, images, labels, *, parallel=None,
       x, y, mask = data_lib.pad_batch(
           images[start:start + bs][:count - start],
           labels[start:start + bs][:count - start], batch_size=bs)
-      keys = _index_keys(config.seed, np.arange(start, start + bs), salt=1)
+      keys = _index_keys(config.seed, np.arange(start, start + bs),
+                         _EVAL_PGD_SALT)
       local = [_process_slice(v) for v in (x, y, mask, keys)]
       out = step_fn(p_params, *parallel.shard(local))
       out = parallel.unreplicate(out)
